@@ -1,0 +1,1 @@
+"""Shared test helpers: invariant oracles, effects files, process utilities."""
