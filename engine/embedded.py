@@ -492,6 +492,52 @@ class EmbeddedStore(Store):
         result: model.Claim = self._writer.call(op)
         return result
 
+    def claim_many(
+        self,
+        instance_id: str,
+        paths: Sequence[str],
+        *,
+        owner: str,
+        run_id: str,
+        token: str | None = None,
+        lease: float = DEFAULT_LEASE,
+        retry_safe: bool = False,
+        rerun_interrupted: bool = False,
+        max_attempts: int | None = None,
+    ) -> list[model.Claim]:
+        paths = list(paths)
+        if len(set(paths)) != len(paths):
+            raise InvalidName("step paths", ", ".join(sorted({p for p in paths if paths.count(p) > 1})), "listed twice")
+        liveness = self._core.liveness
+
+        def op(batch: Batch) -> list[model.Claim]:
+            st = self._writer.state(instance_id)
+            limit = max_attempts or int(st.instance.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
+            out = []
+            for path in paths:
+                tr = machine.claim(
+                    st.rows.get(path),
+                    path=path,
+                    owner=owner,
+                    run_id=run_id,
+                    token=token,
+                    lease=lease,
+                    retry_safe=retry_safe,
+                    rerun_interrupted=rerun_interrupted,
+                    requires=(),
+                    is_finished=lambda p: True,
+                    max_attempts=limit,
+                    now=batch.now,
+                    liveness=liveness,
+                )
+                batch.apply(st, tr)
+                assert tr.row is not None and tr.outcome is not None
+                out.append(model.Claim(tr.outcome, tr.row.to_state(instance_id), tr.missing, limit))
+            return out
+
+        result: list[model.Claim] = self._writer.call(op)
+        return result
+
     def renew(
         self, instance_id: str, step_key: str, *, owner: str, epoch: int, lease: float = DEFAULT_LEASE
     ) -> model.StepState:

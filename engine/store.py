@@ -145,6 +145,26 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def claim_many(
+        self,
+        instance_id: str,
+        paths: Sequence[str],
+        *,
+        owner: str,
+        run_id: str,
+        token: str | None = None,
+        lease: float = DEFAULT_LEASE,
+        retry_safe: bool = False,
+        rerun_interrupted: bool = False,
+        max_attempts: int | None = None,
+    ) -> list[Claim]:
+        """:meth:`claim` for many steps in one transaction (fan-outs); one answer per path.
+
+        Atomic and durable on return for all of them together; each path gets
+        the same rules and outcomes as a single claim (no ``requires``).
+        """
+
+    @abc.abstractmethod
     def renew(
         self, instance_id: str, step_key: str, *, owner: str, epoch: int, lease: float = DEFAULT_LEASE
     ) -> StepState:

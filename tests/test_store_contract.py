@@ -176,6 +176,31 @@ def test_attempts_are_bounded(store: Store, new_instance: Callable[..., str]) ->
     check_store(store, iid)
 
 
+def test_claim_many_is_one_atomic_group(store: Store, new_instance: Callable[..., str]) -> None:
+    iid = new_instance()
+    first = _claim(store, iid, "cell/p@1/m[1]", B)
+    done = _claim(store, iid, "cell/p@1/m[2]", B)
+    _done(store, iid, done, B)
+    paths = [f"cell/p@1/m[{i}]" for i in range(5)]
+    claims = store.claim_many(iid, paths, owner=A, run_id="r", token="t")
+    assert [c.outcome for c in claims] == [
+        ClaimOutcome.CLAIMED,
+        ClaimOutcome.BUSY,
+        ClaimOutcome.DONE,
+        ClaimOutcome.CLAIMED,
+        ClaimOutcome.CLAIMED,
+    ]
+    assert claims[1].state.owner == B and claims[1].state.epoch == first.state.epoch
+    assert all(c.state.parent == "cell/p@1" for c in claims)
+    again = store.claim_many(iid, paths, owner=A, run_id="r", token="t")  # lost reply: same answer
+    assert [c.state.epoch for c in again] == [c.state.epoch for c in claims]
+    with pytest.raises(InvalidName):
+        store.claim_many(iid, ["cell/x", "cell/x"], owner=A, run_id="r")
+    events = check_store(store, iid)
+    assert [e.event for e in events].count("claimed") == 5
+    assert {s.path for s in store.steps(iid, parent="cell/p@1")} == set(paths)
+
+
 def test_stale_holder_is_fenced_and_journaled(store: Store, new_instance: Callable[..., str]) -> None:
     iid = new_instance()
     c1 = _claim(store, iid, "cell/a", A, lease=0.2)
