@@ -33,7 +33,7 @@ EXIT_STORE = 4
 EXIT_INTERRUPTED = 5
 
 #: Modules contributing subcommands, in help order.
-COMMAND_MODULES = ["nbrunbook.engine.cli_demo"]
+COMMAND_MODULES = ["nbrunbook.engine.cli_demo", "nbrunbook.engine.cli_read", "nbrunbook.engine.cli_dashboard"]
 
 
 def exit_code_for(exc: BaseException) -> int:

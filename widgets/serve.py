@@ -1,0 +1,41 @@
+"""``nbrunbook dashboard``: serve the store dashboard with Voilà on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DASHBOARD = Path(__file__).with_name("dashboard.ipynb")
+
+
+def voila_command(port: int) -> list[str]:
+    """The Voilà command line serving the shipped, read-only dashboard notebook."""
+    return [
+        sys.executable,
+        "-m",
+        "voila",
+        str(DASHBOARD),
+        f"--port={port}",
+        "--no-browser",
+        "--Voila.ip=127.0.0.1",
+        "--show_tracebacks=True",
+    ]
+
+
+def serve(store: str, port: int, instance: str | None = None) -> int:
+    """Run Voilà in the foreground until interrupted; returns its exit status."""
+    try:
+        import voila  # noqa: F401
+    except ImportError:
+        from nbrunbook.engine.errors import RunbookError
+
+        raise RunbookError("the dashboard needs Voilà: pip install 'nbrunbook[dashboard]'") from None
+    env = {**os.environ, "NBRUNBOOK_STORE": os.path.abspath(store)}
+    if instance:
+        env["NBRUNBOOK_DASHBOARD_INSTANCE"] = instance
+    print(
+        f"nbrunbook dashboard: http://127.0.0.1:{port}/ (store {env['NBRUNBOOK_STORE']}); Ctrl-C stops it", flush=True
+    )
+    return subprocess.call(voila_command(port), env=env)
