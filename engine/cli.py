@@ -33,7 +33,14 @@ EXIT_STORE = 4
 EXIT_INTERRUPTED = 5
 
 #: Modules contributing subcommands, in help order.
-COMMAND_MODULES = ["nbrunbook.engine.cli_demo", "nbrunbook.engine.cli_read", "nbrunbook.engine.cli_dashboard"]
+COMMAND_MODULES = [
+    "nbrunbook.engine.cli_run",
+    "nbrunbook.engine.cli_demo",
+    "nbrunbook.engine.cli_read",
+    "nbrunbook.engine.cli_dashboard",
+    "nbrunbook.engine.cli_server",
+    "nbrunbook.engine.cli_upgrade",
+]
 
 
 def exit_code_for(exc: BaseException) -> int:

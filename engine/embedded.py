@@ -144,6 +144,11 @@ class _Core:
     # ------------------------------------------------------ subscriptions
 
     def subscribe(self, sub: _Subscription) -> None:
+        # Registered at once, so every commit from now on is queued for the
+        # dispatcher (behind the "add" below); it delivers to the subscription
+        # only once the backlog went out, and the seq filter drops repeats.
+        with self._sub_lock:
+            self._subs.setdefault(sub.instance_id, []).append(sub)
         with self._dispatch_cv:
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, name="nbrunbook-dispatch", daemon=True)
@@ -168,12 +173,12 @@ class _Core:
                 return
             if kind == "add":
                 sub: _Subscription = data
-                # The backlog is read after the add was queued, so together with
-                # the seq filter nothing is lost or delivered twice.
+                # Events committed before this read are in the backlog; later ones
+                # are queued behind this item (the subscription was registered
+                # before it was queued), so nothing is lost or delivered twice.
                 backlog = _read_journal(self.reader(), sub.instance_id, sub.last_seq, None)
-                with self._sub_lock:
-                    self._subs.setdefault(sub.instance_id, []).append(sub)
                 sub.deliver(backlog)
+                sub.ready = True
                 continue
             by_instance: dict[str, list[model.Event]] = {}
             for iid, ev in data:
@@ -182,7 +187,8 @@ class _Core:
                 with self._sub_lock:
                     subs = list(self._subs.get(iid, []))
                 for s in subs:
-                    s.deliver(evs)
+                    if s.ready:
+                        s.deliver(evs)
 
     def close(self) -> None:
         if self.closed:
@@ -211,6 +217,7 @@ class _Subscription:
         self.instance_id = instance_id
         self.callback = callback
         self.last_seq = since_seq
+        self.ready = False  # set by the dispatcher once the backlog is delivered
 
     def deliver(self, events: list[model.Event]) -> None:
         fresh = [e for e in events if e.seq > self.last_seq]
@@ -703,9 +710,21 @@ class EmbeddedStore(Store):
         result: model.StepState = self._writer.call(op)
         return result
 
-    def release_owner(self, owner: str, *, reason: str, run_id: str | None = None) -> list[model.StepState]:
+    def release_owner(
+        self, owner: str, *, reason: str, run_id: str | None = None, unless_live: bool = False
+    ) -> list[model.StepState]:
+        """See :meth:`Store.release_owner`.
+
+        ``unless_live`` (used by the store server): decide inside the writer,
+        ordered with every other write, and do nothing if the liveness oracle
+        says the owner is live again by then (it reconnected meanwhile).
+        """
+        liveness = self._core.liveness
+
         def op(batch: Batch) -> list[model.StepState]:
             w = self._writer
+            if unless_live and liveness.owner_state(owner) == LIVE:
+                return []
             held = w.con.execute(
                 "SELECT DISTINCT instance_id FROM cursor WHERE owner = ? AND status = 'running'", [owner]
             ).fetchall()
@@ -729,6 +748,15 @@ class EmbeddedStore(Store):
 
         result: list[model.StepState] = self._writer.call(op)
         return result
+
+    def running_owners(self) -> list[str]:
+        """Owners holding ``running`` steps in the file (the store server gives them a grace period)."""
+        rows = (
+            self._core.reader()
+            .execute("SELECT DISTINCT owner FROM cursor WHERE status = 'running' AND owner IS NOT NULL ORDER BY owner")
+            .fetchall()
+        )
+        return [r[0] for r in rows]
 
     def append(
         self,

@@ -40,6 +40,18 @@ if TYPE_CHECKING:
 
 MAX_GROUP = 2048
 _STOP = object()
+_caller = threading.local()
+
+
+def set_caller(ident: int | None) -> None:
+    """Name who is calling from this thread (``None``: the thread itself).
+
+    The group-commit heuristics wait briefly for callers answered by recent
+    commits. The store server runs requests on pooled threads, so it names
+    the client thread behind each request instead.
+    """
+    _caller.ident = ident
+
 
 _CURSOR_COLS = (
     "instance_id, path, parent, invocation, attempt, epoch, status, owner, run_id, token, "
@@ -230,7 +242,8 @@ class Writer:
         if self._closed:
             raise StoreError(self.path, "the store is closed")
         fut: Future[Any] = Future()
-        self._q.put(_Op(fn, fut, sync, threading.get_ident() if sync else 0))
+        caller = (getattr(_caller, "ident", None) or threading.get_ident()) if sync else 0
+        self._q.put(_Op(fn, fut, sync, caller))
         return fut
 
     def call(self, fn: Callable[[Batch], Any]) -> Any:

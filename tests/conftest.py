@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,10 +12,33 @@ import pytest
 
 from nbrunbook.engine.factory import open_store
 from nbrunbook.engine.keys import new_run_id
+from nbrunbook.engine.launch import stop_all
 from nbrunbook.engine.store import Store
 
 # Every store implementation the contract suite runs against.
-STORE_KINDS = ["embedded"]
+STORE_KINDS = ["embedded", "server"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every store server the suite starts (in this process or in children, which
+    # inherit the environment) keeps its socket and lock here, so the fixture
+    # below can find and stop them all; auto-started ones also exit when idle.
+    os.environ["NBRUNBOOK_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nbrb-run-")
+    os.environ.setdefault("NBRUNBOOK_SERVER_IDLE", "30")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = os.environ.get("NBRUNBOOK_RUNTIME_DIR", "")
+    if os.path.basename(directory).startswith("nbrb-run-") and os.path.isdir(directory):
+        stop_all(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _stop_store_servers() -> Iterator[None]:
+    """No test leaves a store server running (each holds its DuckDB file open)."""
+    yield
+    stop_all(os.environ["NBRUNBOOK_RUNTIME_DIR"])
 
 
 @pytest.fixture(autouse=True)

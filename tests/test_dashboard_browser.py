@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def dashboard(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
         env={**os.environ, "NBRUNBOOK_STORE": str(store)},
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -101,12 +103,16 @@ def dashboard(tmp_path: Path) -> Iterator[str]:
         print((tmp_path / "voila.log").read_text())
         raise
     finally:
-        proc.terminate()
+        proc.terminate()  # Voilà (exec'd) shuts its kernels down
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left in the session
+        except ProcessLookupError:
+            pass
+        proc.wait()
         log.close()
 
 

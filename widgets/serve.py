@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,11 @@ def voila_command(port: int) -> list[str]:
 
 
 def serve(store: str, port: int, instance: str | None = None) -> int:
-    """Run Voilà in the foreground until interrupted; returns its exit status."""
+    """Become Voilà (exec) in the foreground until interrupted.
+
+    Exec, not a child process: a signal to ``nbrunbook dashboard`` reaches Voilà
+    itself, which shuts its kernels down, so nothing is left behind.
+    """
     try:
         import voila  # noqa: F401
     except ImportError:
@@ -38,4 +41,7 @@ def serve(store: str, port: int, instance: str | None = None) -> int:
     print(
         f"nbrunbook dashboard: http://127.0.0.1:{port}/ (store {env['NBRUNBOOK_STORE']}); Ctrl-C stops it", flush=True
     )
-    return subprocess.call(voila_command(port), env=env)
+    sys.stdout.flush()
+    command = voila_command(port)
+    os.execve(command[0], command, env)
+    return 1  # not reached

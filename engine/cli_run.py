@@ -1,0 +1,296 @@
+"""``nbrunbook run NOTEBOOK``: advance an instance headless; resume by running again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from . import cli
+from .cli_common import add_store_arg
+from .errors import DuplicateCellIds, RunbookError
+from .factory import default_store_path
+from .keys import new_instance_id, validate_instance_id
+from .notebook_ids import NotebookError, assign_ids, missing_ids, read_json
+from .params import collect, inject
+
+ON_CHANGED = ("error", "rerun", "skip")
+
+
+def register(sub: Any) -> None:
+    """Add the ``run`` subcommand."""
+    p = sub.add_parser(
+        "run",
+        help="execute a notebook as a runbook instance (resume: run the same instance again)",
+        description="Execute NOTEBOOK headless as one advance of an instance: done cells are skipped and "
+        "replayed, the failed cell is retried, nothing runs twice. The notebook file is never modified.",
+    )
+    p.add_argument("notebook", metavar="NOTEBOOK")
+    p.add_argument("-i", "--instance", metavar="INSTANCE", help="instance id (default: a new generated id)")
+    p.add_argument(
+        "-p",
+        "--parameters",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter, typed like papermill's -p (True/False/None/int/float/str)",
+    )
+    p.add_argument(
+        "-r",
+        "--parameters_raw",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter kept as a string",
+    )
+    p.add_argument(
+        "-f", "--parameters_file", action="append", default=[], metavar="FILE", help="a YAML file of parameters"
+    )
+    p.add_argument("-y", "--parameters_yaml", action="append", default=[], metavar="YAML", help="YAML parameters")
+    p.add_argument(
+        "-o", "--output", metavar="OUTPUT", help="output notebook (default: .nbrunbook/out/<runbook>/<instance>.ipynb)"
+    )
+    p.add_argument("--kernel", metavar="NAME", help="kernel name (default: the notebook's, else python3)")
+    p.add_argument("--cwd", metavar="DIR", help="the kernel's working directory (default: the notebook's)")
+    p.add_argument(
+        "--cell-timeout", type=float, default=None, metavar="S", help="seconds a cell may run (default: none)"
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds to wait for a cell another run is executing (default 600; exit 3 after)",
+    )
+    p.add_argument(
+        "--on-changed",
+        choices=ON_CHANGED,
+        default="error",
+        help="a done cell whose source changed: error (default), rerun it, or skip it",
+    )
+    p.add_argument(
+        "--rerun-interrupted",
+        action="store_true",
+        help="run interrupted cells again instead of stopping for a decision",
+    )
+    p.add_argument("--force-params", action="store_true", help="resume with other parameters than the instance's")
+    p.add_argument("--max-attempts", type=int, default=None, metavar="N", help="attempts per cell before giving up")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_store_arg(p)
+    p.set_defaults(func=run)
+
+
+class Progress:
+    """A tqdm bar on a terminal; one log line per cell otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.ran = 0
+        self.skipped = 0
+        self.started = time.monotonic()
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+    def start(self, index: int, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(name[:30])
+
+    def finish(self, outcome: Any) -> None:
+        self.done += 1
+        if outcome.status == "ran":
+            self.ran += 1
+        elif outcome.status == "skipped":
+            self.skipped += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"ran {self.ran} skipped {self.skipped}")
+            self.bar.update(1)
+        else:
+            took = f"{outcome.seconds:.2f}s"
+            extra = f" {outcome.ename}" if outcome.ename else ""
+            print(
+                f"nbrunbook: [{self.done}/{self.total}] {outcome.status:8s} {outcome.name} "
+                f"({outcome.cell_id}) {took}{extra}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
+    """Validate everything before a kernel starts or the store is touched.
+
+    Returns (notebook with injected parameters and ids, notebook path,
+    parameters, whether ids were derived). Raises ``RunbookError`` (exit 2).
+    """
+    import nbformat
+
+    path = os.path.abspath(args.notebook)
+    raw = read_json(path)
+    derived = missing_ids(raw) > 0
+    if derived:
+        assign_ids(raw)
+    ids = [str(c.get("id")) for c in raw["cells"]]
+    dups = [i for i in ids if ids.count(i) > 1]
+    if dups:
+        # nbformat.reads would silently "repair" them; a step's identity is its id.
+        raise DuplicateCellIds(dups)
+    try:
+        nb = nbformat.reads(json.dumps(raw), as_version=4)
+        nbformat.validate(nb)
+    except nbformat.ValidationError as exc:
+        raise NotebookError(path, f"is not a valid notebook ({exc.message})") from None
+    if args.instance is not None:
+        validate_instance_id(args.instance)
+    params = collect(
+        yaml_strings=args.parameters_yaml,
+        files=args.parameters_file,
+        raw=[tuple(p) for p in args.parameters_raw],
+        typed=[tuple(p) for p in args.parameters],
+    )
+    kernel = args.kernel or nb.metadata.get("kernelspec", {}).get("name") or "python3"
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel)
+    except NoSuchKernel:
+        raise NotebookError(path, f"kernel {kernel!r} is not installed (see `jupyter kernelspec list`)") from None
+    args.kernel = kernel
+    if args.cwd is not None and not os.path.isdir(args.cwd):
+        raise NotebookError(args.cwd, "--cwd is not a directory")
+    return inject(nb, params), path, params, derived
+
+
+def run(args: argparse.Namespace) -> int:
+    """``nbrunbook run``."""
+    from .runner import RunbookClient, RunnerError, write_notebook
+
+    nb, path, params, derived = prepare(args)
+    if derived:
+        print(
+            f"nbrunbook: {args.notebook} has no cell ids (nbformat 4.4): using ids derived from cell order and "
+            f"source; `nbrunbook upgrade {args.notebook}` writes them into the file",
+            file=sys.stderr,
+        )
+    instance = args.instance or new_instance_id()
+    runbook = os.path.splitext(os.path.basename(path))[0]
+    store = os.path.abspath(args.store or default_store_path(os.path.dirname(path)))
+    output = args.output or os.path.join(os.path.dirname(store), "out", runbook, f"{instance}.ipynb")
+    options = {
+        "mode": "headless",
+        "on_changed": args.on_changed,
+        "rerun_interrupted": args.rerun_interrupted,
+        "wait_timeout": args.wait_timeout,
+    }
+    if args.max_attempts is not None:
+        options["max_attempts"] = args.max_attempts
+    stored = _stored_params(store, args.instance)
+    if stored is not None and not params:
+        nb = inject(nb, stored)  # a resume without -p runs with the instance's own parameters
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    progress = Progress(len(code_cells), enabled=not args.no_progress)
+    if not args.instance:
+        print(f"nbrunbook: new instance {instance} (resume with -i {instance})", file=sys.stderr)
+    client = RunbookClient(
+        nb,
+        notebook_path=path,
+        instance_id=instance,
+        store=store,
+        params=params if (params or stored is None) else None,
+        options=options,
+        force_params=args.force_params,
+        runbook=runbook,
+        kernel_name=args.kernel,
+        timeout=args.cell_timeout,
+        resources={"metadata": {"path": os.path.abspath(args.cwd or os.path.dirname(path))}},
+        before_cell=lambda i, cell: progress.start(i, str(cell.get("id"))),
+        on_cell=lambda outcome, i: progress.finish(outcome),
+    )
+    code = cli.EXIT_OK
+    message = ""
+    try:
+        code = client.run()
+    except RunnerError as exc:
+        code, message = exc.code, exc.message
+    except RunbookError as exc:
+        code, message = cli.exit_code_for(exc), str(exc)
+    finally:
+        progress.close()
+        _step_metadata(nb, store, instance)
+        nb.metadata["nbrunbook"] = {
+            "instance_id": instance,
+            "store": store,
+            "exit_code": code,
+            "parameters": params,
+        }
+        write_notebook(nb, output)
+    if message:
+        print(f"nbrunbook: {message}", file=sys.stderr)
+    if code == cli.EXIT_INTERRUPTED:
+        refused = next((o for o in reversed(client.outcomes) if o.ename == "StepInterrupted"), None)
+        cell = refused.cell_id if refused else "CELL"
+        store_arg = f" --store {store}" if args.store else ""
+        print(
+            f"nbrunbook: decide, then run again: nbrunbook resolve {instance} {cell} --rerun|--done|--skip{store_arg}",
+            file=sys.stderr,
+        )
+    summary = f"ran {progress.ran}, skipped {progress.skipped} of {progress.total} cells"
+    print(
+        f"nbrunbook: instance {instance}: {'done' if code == 0 else f'stopped (exit {code})'}; {summary}; "
+        f"output {output}",
+        file=sys.stderr,
+    )
+    return code
+
+
+def _stored_params(store: str, instance: str | None) -> dict[str, Any] | None:
+    """The parameters of an existing instance (``None`` if it does not exist yet)."""
+    if instance is None:
+        return None
+    from .errors import InstanceNotFound
+    from .factory import open_store
+
+    st = open_store(store)
+    try:
+        return dict(st.get_instance(instance).params)
+    except InstanceNotFound:
+        return None
+    finally:
+        st.close()
+
+
+def _step_metadata(nb: Any, store: str, instance: str) -> None:
+    """Each code cell's step as the store has it now, under ``metadata.nbrunbook``."""
+    from .factory import open_store
+
+    try:
+        st = open_store(store)
+    except RunbookError:
+        return  # the store is gone: the run's own notes stay
+    try:
+        steps = {s.path: s for s in st.steps(instance)}
+    except RunbookError:
+        steps = {}
+    finally:
+        st.close()
+    for cell in nb.cells:
+        state = steps.get(f"cell/{cell.get('id')}") if cell.cell_type == "code" else None
+        if state is not None:
+            cell.metadata.setdefault("nbrunbook", {}).update(
+                status=state.status,
+                step_key=state.step_key,
+                attempt=state.attempt,
+                idempotency_key=state.idempotency_key,
+                run_id=state.run_id,
+            )

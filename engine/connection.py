@@ -1,0 +1,101 @@
+"""One client connection inside the store server.
+
+Replies are written by the thread that ran the request (one hand-over less
+on the request's path); messages produced on the writer or subscription
+threads (answers to ``wait=False`` outcomes, pushed events) go through a
+sender thread instead, so those threads never block on a slow client. The
+in-flight count lets the server finish a vanished client's requests before
+it releases the client's owners.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+
+
+class Connection:
+    """One client connection: its first reader thread, a sender thread, its owners."""
+
+    def __init__(self, sock: socket.socket, conn_id: int, pid: int, serve: Callable[[Connection], None]) -> None:
+        self.sock = sock
+        self.id = conn_id
+        self.pid = pid
+        self.rfile: protocol.Readable = sock.makefile("rb", buffering=65536)
+        self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.owners: dict[str, None] = {}
+        self.subs: dict[int, Callable[[], None]] = {}
+        self.closed = False
+        self.control = False  # a status/stop connection, not a client
+        self.inflight = 0
+        self.cv = threading.Condition()
+        self._wlock = threading.Lock()
+        self.reader = threading.Thread(target=serve, args=(self,), name=f"nbrunbook-conn-{conn_id}", daemon=True)
+        self.sender = threading.Thread(target=self._send_loop, name=f"nbrunbook-send-{conn_id}", daemon=True)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue a message for the sender thread (never blocks: writer and dispatcher threads use it)."""
+        if not self.closed:
+            self.out.put(protocol.dumps(msg))
+
+    def send_now(self, msg: dict[str, Any]) -> None:
+        """Write a message from this thread (a request's own thread answers: one hand-over less)."""
+        if not self.closed:
+            self._write([protocol.dumps(msg)])
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self.out.get()
+            if item is None:
+                return
+            chunks = [item]
+            size = len(item)
+            while size < 1 << 20:  # coalesce replies that are ready into one write
+                try:
+                    more = self.out.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._write(chunks)
+                    return
+                chunks.append(more)
+                size += len(more)
+            if not self._write(chunks):
+                return
+
+    def _write(self, chunks: list[bytes]) -> bool:
+        try:
+            with self._wlock:
+                self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        except OSError:
+            self.closed = True
+            return False
+        return True
+
+    def begin(self) -> None:
+        """A request that must finish before this connection's owners may be released started."""
+        with self.cv:
+            self.inflight += 1
+
+    def end(self) -> None:
+        """That request finished."""
+        with self.cv:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.cv.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Wait until no request of this connection is executing."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while self.inflight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.cv.wait(remaining)

@@ -1,0 +1,67 @@
+"""``%load_ext nbrunbook`` / ``%unload_ext nbrunbook``: install and remove every hook.
+
+Loading is cheap on purpose (DESIGN.md §10): nothing here imports DuckDB,
+nbformat, pyarrow or ipywidgets; the store opens at ``%runbook start`` /
+``attach``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from .guard import Guard
+
+_GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
+_MAGICS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """Register the ``%runbook`` magics and the cell guard on ``shell``."""
+    if shell in _GUARDS:
+        return
+    from .magics import RunbookMagics
+
+    guard = Guard(shell)
+    guard.register()
+    magics = RunbookMagics(shell=shell, guard=guard)  # Magics.__init__ adds it to shell.configurables
+    shell.register_magics(magics)
+    _GUARDS[shell] = guard
+    _MAGICS[shell] = magics
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    """Remove the guard's hooks, the magics and the config entry; detach the instance."""
+    guard = _GUARDS.pop(shell, None)
+    magics = _MAGICS.pop(shell, None)
+    if guard is not None:
+        guard.unregister()
+    if magics is not None:
+        manager = shell.magics_manager
+        for kind, table in magics.magics.items():
+            for name, fn in table.items():
+                if manager.magics.get(kind, {}).get(name) == fn:
+                    del manager.magics[kind][name]
+        manager.registry.pop(type(magics).__name__, None)
+        while magics in shell.configurables:
+            shell.configurables.remove(magics)
+
+
+def guard_for(shell: Any, *, load: bool = False) -> Guard:
+    """The guard installed on ``shell``; with ``load=True`` load the extension first if needed."""
+    guard = _GUARDS.get(shell)
+    if guard is None and load:
+        manager = getattr(shell, "extension_manager", None)
+        if manager is not None:
+            manager.load_extension("nbrunbook")  # so %unload_ext knows it is loaded
+        if shell not in _GUARDS:
+            load_ipython_extension(shell)
+        guard = _GUARDS.get(shell)
+    if guard is None:
+        raise LookupError("the nbrunbook extension is not loaded in this shell (%load_ext nbrunbook)")
+    return guard
+
+
+def is_loaded(shell: Any) -> bool:
+    """True if the extension's hooks are installed on ``shell``."""
+    return shell in _GUARDS

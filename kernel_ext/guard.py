@@ -1,0 +1,610 @@
+"""The run-once cell guard (DESIGN.md §3, §5).
+
+Three hooks, all public IPython API present in IPython 8 and 9:
+
+* ``pre_run_cell(info)`` decides, before any user code runs: identify the
+  cell (``info.cell_id``, else manifest order + source hash), then claim it in
+  the store (``always``/``parameters`` cells are not claimed). ``DONE`` ->
+  skip; ``BUSY`` -> wait visibly, then look again; ``INTERRUPTED``,
+  ``EXHAUSTED``, ``ORDER`` and store errors -> refuse. Any failure in the hook
+  itself also refuses the cell: the guard fails closed.
+* An AST transformer replaces the body of a skipped or refused cell with one
+  call, ``run_pending(token)``, which replays the recorded outputs (and
+  returns the recorded result, so it shows as ``Out[n]``) or raises the
+  refusal. It never raises itself: if building the call fails, the body
+  becomes ``pass``.
+* ``post_run_cell(result)`` records the outcome of a claimed cell from the
+  ``ExecutionResult``: ``complete`` with outputs and saved values, or ``fail``
+  with the error (``KeyboardInterrupt`` included). Commits are submitted
+  with ``wait=False`` so they overlap the next cell; a fenced or failed
+  commit is reported at the next cell.
+
+pre and post are paired by the identity of ``result.info``. A ``pre`` while
+another top-level cell of the same execute request is in progress is a
+nested ``run_cell`` (``%%capture``...) and is ignored, as are silent
+executions (IPython fires no events for them) and executions without
+``store_history``. Two IPython paths hand ``post_run_cell`` no matching info:
+a cancelled ``await`` cell (``result`` is ``None``) and a run that raised
+outside user code (a fresh ``ExecutionInfo``); both are matched to the top
+frame.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from nbrunbook.engine.errors import (
+    AttemptsExhausted,
+    OrderViolation,
+    RunbookError,
+    StepBusy,
+    StepFenced,
+    StepInterrupted,
+)
+from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
+
+# Only what loading needs is imported here; the modules a running session
+# uses (capture, replay, saved, cells, the step context, the heartbeat) are
+# imported on first use, so `%load_ext nbrunbook` stays cheap.
+if TYPE_CHECKING:
+    from nbrunbook.engine.heartbeat import Lease
+
+    from .capture import OutputRecorder
+    from .session import Session, Target
+
+# token -> what the replaced body of a skipped/refused cell does
+_PENDING: dict[int, Callable[[], Any]] = {}
+_TOKENS = itertools.count(1)
+
+
+def run_pending(token: int) -> Any:
+    """The body of a skipped or refused cell (called from code the transformer wrote)."""
+    action = _PENDING.pop(token, None)
+    return action() if action is not None else None
+
+
+def _render(exc: BaseException) -> BaseException:
+    """Show a refusal as one clear line instead of a traceback into the guard."""
+    line = f"\x1b[0;31m{type(exc).__name__}\x1b[0m: {exc}"
+    try:
+        exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return exc
+
+
+def _guard_failed(exc: BaseException) -> RunbookError:
+    from .errors import GuardFailed
+
+    return GuardFailed(exc)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[dict[str, bool]]:
+    """Hold SIGINT during a store call so a claim is never half-known; say if one came."""
+    state = {"fired": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        state["fired"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except (ValueError, OSError):
+        yield state
+        return
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Frame:
+    """One pre_run_cell, waiting for its post_run_cell."""
+
+    __slots__ = (
+        "claim",
+        "ctx_token",
+        "error",
+        "ignored",
+        "info",
+        "kind",
+        "lease",
+        "msg_id",
+        "names",
+        "recorder",
+        "replay",
+        "target",
+        "transformed",
+    )
+
+    def __init__(self, info: Any, msg_id: str | None, ignored: bool = False) -> None:
+        self.info = info
+        self.msg_id = msg_id
+        self.ignored = ignored
+        self.target: Target | None = None
+        self.claim: Claim | None = None
+        self.kind = ""
+        self.error: BaseException | None = None
+        self.replay: Callable[[], Any] | None = None
+        self.recorder: OutputRecorder | None = None
+        self.ctx_token: Any = None
+        self.lease: Lease | None = None
+        self.names: list[str] = []
+        self.transformed = False
+
+
+class _Transformer(ast.NodeTransformer):
+    """Registered in ``shell.ast_transformers``; delegates to the guard, never raises."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def visit(self, node: ast.AST) -> Any:
+        try:
+            return self.guard.transform(node)
+        except Exception:  # noqa: BLE001 - IPython would unregister us; fail closed instead
+            return self.guard.transform_failed(node)
+
+
+class Guard:
+    """Holds the hooks for one shell and the attached :class:`Session` (if any)."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.session: Session | None = None
+        self.transformer = _Transformer(self)
+        self._stack: list[Frame] = []
+        self._next: Frame | None = None
+        self._registered = False
+
+    # --------------------------------------------------------- registration
+
+    def register(self) -> None:
+        """Install the hooks."""
+        if self._registered:
+            return
+        self.shell.events.register("pre_run_cell", self.pre_run_cell)
+        self.shell.events.register("post_run_cell", self.post_run_cell)
+        self.shell.ast_transformers.append(self.transformer)
+        self._registered = True
+
+    def unregister(self) -> None:
+        """Remove every hook and detach (what ``%unload_ext`` does)."""
+        try:
+            self.detach()
+        finally:
+            for event, fn in (("pre_run_cell", self.pre_run_cell), ("post_run_cell", self.post_run_cell)):
+                try:
+                    self.shell.events.unregister(event, fn)
+                except ValueError:
+                    pass
+            while self.transformer in self.shell.ast_transformers:
+                self.shell.ast_transformers.remove(self.transformer)
+            self._registered = False
+
+    def attach(self, session: Session) -> None:
+        """Make ``session`` the attached instance (detaching the previous one)."""
+        self.detach()
+        self.session = session
+        self.shell.user_ns.update(session.params)
+
+    def settle(self) -> None:
+        """Wait for outcomes in flight (and report failed ones), so reads see them."""
+        if self.session is not None:
+            self._report_pending(self.session, block=True)
+
+    def detach(self) -> Session | None:
+        """Detach the instance: outcomes in flight are committed, the store released."""
+        session, self.session = self.session, None
+        self._abandon(session, "the instance was detached while the cell ran")
+        self._next = None
+        if session is not None:
+            self._report_pending(session, block=True)
+            session.close()
+        return session
+
+    # ------------------------------------------------------------ messages
+
+    def warn(self, text: str) -> None:
+        """A notice for the person, in the running cell's stderr."""
+        try:
+            sys.stderr.write(f"nbrunbook: {text}\n")
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def _request(self, info: Any) -> tuple[str | None, dict[str, Any]]:
+        """(msg_id, metadata) of the execute_request being handled, if in a kernel."""
+        meta = getattr(info, "cell_meta", None)  # IPython 9 passes it along
+        kernel = getattr(self.shell, "kernel", None)
+        parent: Any = {}
+        if kernel is not None:
+            try:
+                parent = kernel.get_parent("shell")
+            except (AttributeError, TypeError, LookupError):
+                parent = getattr(kernel, "_parent_header", {}) or {}
+        if not isinstance(parent, dict):
+            parent = {}
+        if not isinstance(meta, dict):
+            meta = parent.get("metadata") or {}
+        msg_id = (parent.get("header") or {}).get("msg_id")
+        return msg_id, meta if isinstance(meta, dict) else {}
+
+    # ------------------------------------------------------------ pre_run_cell
+
+    def pre_run_cell(self, info: Any) -> None:
+        """Decide claim / skip / wait / refuse before the cell's code runs."""
+        session = self.session
+        if session is None:
+            return
+        frame: Frame | None = None
+        try:
+            msg_id, meta = self._request(info)
+            if self._stack:
+                if msg_id is None or self._stack[0].msg_id == msg_id:
+                    self._stack.append(Frame(info, msg_id, ignored=True))  # nested run_cell
+                    return
+                self._abandon(session, "post_run_cell never came for this cell")
+            frame = Frame(info, msg_id)
+            self._stack.append(frame)
+            if getattr(info, "silent", False) or not getattr(info, "store_history", True):
+                frame.ignored = True
+                return
+            self._next = frame
+            self._decide(session, frame, info, meta)
+        except BaseException as exc:  # noqa: BLE001 - fail closed: the body must not run unguarded
+            if frame is None:
+                frame = Frame(info, None)
+                self._stack.append(frame)
+            frame.ignored = False
+            frame.error = _render(exc if isinstance(exc, (RunbookError, KeyboardInterrupt)) else _guard_failed(exc))
+            self._next = frame
+
+    def _decide(self, session: Session, frame: Frame, info: Any, meta: dict[str, Any]) -> None:
+        self._report_pending(session, block=False)
+        raw = info.raw_cell or ""
+        cell_id = getattr(info, "cell_id", None) or meta.get("cellId")
+        tags = meta.get("tags")
+        tag_tuple = tuple(str(t) for t in tags) if isinstance(tags, list) else None
+        transform = getattr(getattr(self.shell, "input_transformer_manager", None), "transform_cell", None)
+        target, notes = session.identify(raw, cell_id if isinstance(cell_id, str) else None, tag_tuple, transform)
+        for note in notes:
+            self.warn(note)
+        if target is None:
+            return
+        frame.target = target
+        frame.kind = target.spec.kind
+        for problem in target.spec.problems:
+            if session.notice_once(f"problem:{target.cell_id}:{problem}"):
+                self.warn(f"{target.label}: {problem}")
+        if target.spec.kind != GUARDED or target.path is None:
+            return
+        session.last_cell = target.cell_id
+        self._claim(session, frame, target)
+
+    def _claim(self, session: Session, frame: Frame, target: Target) -> None:
+        store = session.store
+        opts = session.options
+        iid = session.instance_id
+        path = target.path
+        assert path is not None and target.cell_id is not None
+        deadline: float | None = None
+        reopened = reloaded = False
+        while True:
+            with _sigint_deferred() as sig:
+                claim = store.claim(
+                    iid,
+                    path,
+                    owner=session.owner,
+                    run_id=session.run_id,
+                    token=f"{session.run_id}:{next(_TOKENS)}",
+                    lease=opts.lease,
+                    retry_safe=target.spec.retry_safe,
+                    rerun_interrupted=opts.rerun_interrupted,
+                    requires=target.requires,
+                    max_attempts=opts.max_attempts,
+                )
+            outcome = claim.outcome
+            if outcome == ClaimOutcome.CLAIMED:
+                frame.claim = claim
+                self._report_pending(session, block=False)
+                if sig["fired"]:
+                    frame.error = KeyboardInterrupt()
+                    return
+                self._begin(session, frame, claim)
+                return
+            if sig["fired"]:
+                frame.error = KeyboardInterrupt()
+                return
+            state = claim.state
+            if outcome == ClaimOutcome.DONE:
+                from .record import read_record
+
+                values = store.values(iid, claim.step_key) if state.status == "done" else {}
+                record = read_record(values)
+                recorded_hash = record.get("source_hash")
+                note = ""
+                if recorded_hash and recorded_hash != target.live_hash:
+                    if opts.on_changed == "rerun" and not reopened:
+                        store.rerun(iid, path, owner=session.owner, run_id=session.run_id, reason="source changed")
+                        reopened = True
+                        continue
+                    if opts.on_changed == "error":
+                        from .errors import SourceChanged
+
+                        frame.error = _render(
+                            SourceChanged(iid, claim.step_key, target.cell_id, recorded_hash, target.live_hash)
+                        )
+                        return
+                    note = (
+                        f"⚠ {target.label} changed since it ran: its recorded run is shown, the new code did not "
+                        f"run (to run it: %runbook rerun {target.cell_id})"
+                    )
+                from .replay import skipper
+
+                ns = self.shell.user_ns
+                frame.replay = skipper(ns, target, claim.state, session.run_id, values, record, note, self.warn)
+                return
+            if outcome == ClaimOutcome.BUSY:
+                if state.owner == session.owner and not any(
+                    f.claim is not None and f.claim.step_key == claim.step_key for f in self._stack
+                ):
+                    # Our own claim whose outcome was lost (an interrupt at the wrong moment): fail it, go on.
+                    store.fail(
+                        iid,
+                        claim.step_key,
+                        owner=session.owner,
+                        epoch=state.epoch,
+                        run_id=session.run_id,
+                        error={"type": "OutcomeLost", "message": "the kernel lost this cell's outcome"},
+                    )
+                    continue
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + opts.wait_timeout
+                    since = time.strftime("%H:%M:%S", time.localtime(state.claimed_at or time.time()))
+                    from .replay import who
+
+                    self.warn(
+                        f"⏳ {target.label} is running in {who(state.owner)} since {since} "
+                        f"(run {state.run_id}); waiting up to {opts.wait_timeout:g} s for it to finish "
+                        "(interrupt the kernel to stop waiting)"
+                    )
+                remaining = deadline - now
+                if remaining <= 0:
+                    frame.error = _render(StepBusy(iid, claim.step_key, state.owner or "?", state.claimed_at or 0.0))
+                    return
+                try:
+                    store.wait(iid, path, timeout=remaining)
+                except KeyboardInterrupt:
+                    frame.error = _render(KeyboardInterrupt(f"stopped waiting for {target.label}"))
+                    return
+                continue
+            if outcome == ClaimOutcome.INTERRUPTED:
+                err = StepInterrupted(iid, claim.step_key, cell=target.cell_id)
+                if opts.mode == "interactive":
+                    err.args = (
+                        f"{err} - or here: %runbook resolve {target.cell_id} --rerun|--done|--skip "
+                        "(or mark the cell `#| runbook: retry-safe`)",
+                    )
+                frame.error = _render(err)
+                return
+            if outcome == ClaimOutcome.EXHAUSTED:
+                frame.error = _render(AttemptsExhausted(iid, claim.step_key, state.attempt, claim.max_attempts))
+                return
+            if outcome == ClaimOutcome.ORDER:
+                if not reloaded:
+                    # The file may have been saved since the manifest was pinned (a cell that
+                    # became `always`, a removed cell): re-pin once and look again.
+                    reloaded = True
+                    notes: list[str] = []
+                    if session.reload_if_changed(notes):
+                        for note in notes:
+                            self.warn(note)
+                        target = session.retarget(target)
+                        continue
+                missing = [session.label(p) for p in claim.missing]
+                frame.error = _render(OrderViolation(iid, target.label, missing))
+                return
+            raise RuntimeError(f"unexpected claim outcome {outcome!r}")
+
+    def _begin(self, session: Session, frame: Frame, claim: Claim) -> None:
+        """The cell is ours: bind its context, record its outputs, keep its lease."""
+        from nbrunbook.engine import context as step_context
+        from nbrunbook.engine import heartbeat
+
+        from .capture import OutputRecorder
+
+        state = claim.state
+        ctx = step_context.StepContext(
+            instance_id=session.instance_id,
+            step_key=claim.step_key,
+            invocation=state.invocation,
+            attempt=state.attempt,
+            epoch=state.epoch,
+            idempotency_key=claim.idempotency_key,
+            params=session.params,
+            run_id=session.run_id,
+            owner=session.owner,
+            store=session.store,
+            options={"lease": session.options.lease, "max_attempts": session.options.max_attempts},
+        )
+        frame.ctx_token = step_context.bind(ctx)
+        step_context.set_cell(ctx)
+        frame.lease = heartbeat.hold(
+            session.store,
+            session.instance_id,
+            claim.step_key,
+            owner=session.owner,
+            epoch=state.epoch,
+            lease=session.options.lease,
+        )
+        recorder = OutputRecorder(session.options.output_limit)
+        recorder.start(self.shell)
+        frame.recorder = recorder
+
+    # ------------------------------------------------------------ transformer
+
+    def transform(self, node: ast.AST) -> ast.AST:
+        """Replace a skipped/refused cell's body; note a claimed cell's assigned names."""
+        frame, self._next = self._next, None
+        if frame is None or frame.transformed:
+            return node
+        frame.transformed = True
+        if frame.error is not None or frame.replay is not None:
+            token = next(_TOKENS)
+            _PENDING[token] = self._body(frame)
+            call = ast.parse(f"__import__({__name__!r}, fromlist=['run_pending']).run_pending({token})\n")
+            if frame.error is None and isinstance(node, ast.Module):
+                # A skipped cell's top-level imports run again: they have no side
+                # effects worth guarding, and later cells need the names they bind.
+                imports = [
+                    n
+                    for n in node.body
+                    if isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.module != "__future__")
+                ]
+                call.body = [*imports, *call.body]
+            return call
+        if frame.claim is not None:
+            from .cells import assigned_names
+
+            try:
+                frame.names = assigned_names(node)
+            except (RecursionError, AttributeError, TypeError):
+                frame.names = []
+        return node
+
+    def transform_failed(self, node: ast.AST) -> ast.AST:
+        """The transformer broke: never let a skipped or refused body run."""
+        frame = self._next
+        self._next = None
+        if frame is not None and (frame.error is not None or frame.replay is not None):
+            return ast.Module(body=[ast.Pass()], type_ignores=[])
+        return node
+
+    def _body(self, frame: Frame) -> Callable[[], Any]:
+        def body() -> Any:
+            if frame.error is not None:
+                raise frame.error
+            assert frame.replay is not None
+            return frame.replay()
+
+        return body
+
+    # ----------------------------------------------------------- post_run_cell
+
+    def post_run_cell(self, result: Any) -> None:
+        """Record the outcome of a claimed cell."""
+        if not self._stack:
+            return
+        frame = self._match(result)
+        if frame is None or frame.ignored:
+            return
+        session = self.session
+        try:
+            with _sigint_deferred():
+                self._finish(session, frame, result)
+        except Exception as exc:  # noqa: BLE001 - say so; the step stays running and is released later
+            self.warn(f"could not record the outcome of {frame.target.label if frame.target else 'the cell'}: {exc}")
+
+    def _match(self, result: Any) -> Frame | None:
+        info = getattr(result, "info", None) if result is not None else None
+        stack = self._stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].info is info:
+                frame = stack[i]
+                for leftover in stack[i + 1 :]:
+                    self._cleanup(leftover)
+                del stack[i:]
+                return frame
+        if result is None:
+            return stack.pop()  # an `await` cell cancelled by an interrupt
+        raw = getattr(info, "raw_cell", None)
+        if not raw or raw.isspace():
+            return None  # an empty cell: IPython fires no pre_run_cell for it
+        if stack[-1].info is not None and getattr(stack[-1].info, "raw_cell", None) == raw:
+            return stack.pop()  # the runner raised outside user code: IPython made a fresh info
+        return None
+
+    def _finish(self, session: Session | None, frame: Frame, result: Any) -> None:
+        if self._next is frame:
+            self._next = None
+        claim = frame.claim
+        fenced = self._cleanup(frame)
+        if session is None:
+            return
+        self._report_pending(session, block=True)
+        if frame.kind == PARAMETERS:
+            # Papermill semantics: the instance's parameters override the cell's defaults.
+            self.shell.user_ns.update(session.params)
+        if claim is None:
+            return
+        target = frame.target
+        assert target is not None
+        error = frame.error
+        if error is None:
+            if result is None:
+                error = KeyboardInterrupt("the cell was cancelled")
+            else:
+                error = result.error_before_exec or result.error_in_exec
+        if fenced is not None:
+            self.warn(f"⚠ {target.label}: {fenced}")
+        from .record import record_outcome
+
+        fut = record_outcome(self.shell, session, claim, target, frame.recorder, frame.names, error, result, self.warn)
+        session.pending.append((fut, target.label))
+
+    def _cleanup(self, frame: Frame) -> StepFenced | None:
+        """Undo what pre_run_cell set up for a frame: capture, context, heartbeat."""
+        fenced = None
+        if frame.recorder is not None:
+            frame.recorder.stop()
+        if frame.ctx_token is not None:
+            from nbrunbook.engine import context as step_context
+
+            try:
+                step_context.unbind(frame.ctx_token)
+            except ValueError:
+                step_context.bind(None)  # post runs outside the asyncio task that bound it
+            frame.ctx_token = None
+            step_context.set_cell(None)
+        if frame.lease is not None:
+            frame.lease.release()
+            fenced, frame.lease = frame.lease.fenced, None
+        return fenced
+
+    def _abandon(self, session: Session | None, why: str) -> None:
+        """Drop frames whose post_run_cell will not come; their claims fail (outcome unknown)."""
+        for frame in reversed(self._stack):
+            self._cleanup(frame)
+            if frame.claim is not None and session is not None:
+                try:
+                    session.store.fail(
+                        session.instance_id,
+                        frame.claim.step_key,
+                        owner=session.owner,
+                        epoch=frame.claim.state.epoch,
+                        run_id=session.run_id,
+                        error={"type": "OutcomeLost", "message": why},
+                    )
+                except RunbookError as exc:  # fenced meanwhile, or the store is gone: say so, go on
+                    self.warn(f"could not record that {frame.claim.step_key} was abandoned: {exc}")
+        self._stack.clear()
+
+    def _report_pending(self, session: Session, *, block: bool) -> None:
+        """Say which background commits failed (fenced outcomes included)."""
+        if session.pending:
+            from .record import report_pending
+
+            report_pending(session, self.warn, block=block)

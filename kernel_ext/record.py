@@ -1,0 +1,126 @@
+"""Record a claimed cell's outcome, and report outcomes whose commit failed.
+
+A done cell's record - its outputs, the names not saved and why, the hash of
+the source that ran - is stored as the reserved value ``#cell`` next to the
+saved variables, so a skip needs one read (``Store.values``) and the journal
+stays small; the ``done`` event carries a summary.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from nbrunbook.engine.errors import StepFenced
+from nbrunbook.engine.model import Claim, EncodedValue
+
+from . import saved
+from .capture import OutputRecorder
+
+if TYPE_CHECKING:
+    from .session import Session, Target
+
+CELL_RECORD = "#cell"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
+def read_record(values: dict[str, EncodedValue]) -> dict[str, Any]:
+    """The ``#cell`` record among a step's values (``{}`` if none, e.g. after ``resolve --done``)."""
+    raw = values.get(CELL_RECORD)
+    if raw is None:
+        return {}
+    try:
+        data = json.loads(raw.data)
+    except (ValueError, TypeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_outcome(
+    shell: Any,
+    session: Session,
+    claim: Claim,
+    target: Target,
+    recorder: OutputRecorder | None,
+    names: Sequence[str],
+    error: BaseException | None,
+    result: Any,
+    warn: Callable[[str], None],
+) -> Future[Any]:
+    """``fail`` with the error, or ``complete`` with outputs and saved values; returns the commit's future.
+
+    Submitted with ``wait=False``: the commit overlaps the next cell and is
+    ordered before its claim.
+    """
+    common: dict[str, Any] = {"owner": session.owner, "epoch": claim.state.epoch, "run_id": session.run_id}
+    if error is not None:
+        fut = session.store.fail(
+            session.instance_id,
+            claim.step_key,
+            error={"type": type(error).__name__, "message": str(error)[:2000]},
+            wait=False,
+            **common,
+        )
+    else:
+        recorder = recorder or OutputRecorder(session.options.output_limit)
+        shown = getattr(result, "result", None)  # set only when the display hook showed it
+        if shown is not None:
+            try:
+                data, md = shell.display_formatter.format(shown)
+                recorder.display(data, md, kind="result")
+            except Exception:  # noqa: BLE001 - a broken repr must not lose the outcome
+                pass
+        outputs = recorder.finish()
+        values, unsaved, warnings = saved.collect(
+            shell.user_ns, names, target.spec.save, limit=session.options.value_limit
+        )
+        for w in warnings:
+            warn(w)
+        record = {"outputs": outputs, "unsaved": unsaved, "source_hash": target.live_hash}
+        text = json.dumps(record, separators=(",", ":"), default=_jsonable)
+        values[CELL_RECORD] = EncodedValue("json", text.encode())
+        fut = session.store.complete(
+            session.instance_id,
+            claim.step_key,
+            payload={
+                "outputs": len(outputs),
+                "saved": sorted(n for n in values if n != CELL_RECORD),
+                "source_hash": target.live_hash,
+            },
+            values=values,
+            wait=False,
+            **common,
+        )
+    if not isinstance(fut, Future):  # a store that committed at once
+        done: Future[Any] = Future()
+        done.set_result(fut)
+        return done
+    return fut
+
+
+def report_pending(session: Session, warn: Callable[[str], None], *, block: bool) -> None:
+    """Warn about background commits that failed; with ``block``, wait for them (30 s at most each)."""
+    keep: list[tuple[Future[Any], str]] = []
+    for fut, label in session.pending:
+        if not fut.done():
+            if not block:
+                keep.append((fut, label))
+                continue
+            try:
+                fut.exception(timeout=30)
+            except TimeoutError:
+                keep.append((fut, label))
+                continue
+        exc = fut.exception()
+        if exc is not None:
+            what = "fenced: " if isinstance(exc, StepFenced) else ""
+            warn(f"⚠ the outcome of {label} was not recorded ({what}{exc})")
+    session.pending = keep
