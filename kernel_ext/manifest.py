@@ -97,22 +97,14 @@ def read_notebook(
         mtime = os.stat(path).st_mtime
     except OSError as exc:
         raise NotebookUnsupported(path, f"cannot be read ({exc.strerror or exc})") from None
-    from nbformat import NBFormatError
-    from nbformat.reader import NotJSONError, ValidationError, reads
-
+    # Plain json, not nbformat: importing nbformat pulls jsonschema (seconds on
+    # some installs) into the kernel, and we only need the cells, unrepaired.
     try:
-        nb = reads(text)
-    except (
-        NotJSONError,
-        ValidationError,
-        NBFormatError,
-        json.JSONDecodeError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,  # valid JSON that is not an object
-    ) as exc:
+        nb = json.loads(text)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise NotebookUnsupported(path, f"is not a notebook ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(nb, dict):
+        raise NotebookUnsupported(path, "is not a notebook (not a JSON object)")
     major = nb.get("nbformat")
     if major != 4:
         raise NotebookUnsupported(
