@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from .cli_common import add_store_arg
 from .factory import default_store_path, open_store
 from .keys import new_run_id, process_owner
 from .model import ClaimOutcome, ManifestCell
@@ -16,7 +17,7 @@ STEPS = [("fetch", "download the release notes"), ("notify", "email the on-call 
 def register(sub: Any) -> None:
     """Add the ``demo`` subcommand."""
     p = sub.add_parser("demo", help="advance a three-step demo instance; run it twice to see skips")
-    p.add_argument("--store", default=None, help="store path (default: $NBRUNBOOK_STORE or .nbrunbook/store.duckdb)")
+    add_store_arg(p)
     p.add_argument("-i", "--instance", default="demo-1", help="instance id (default: demo-1)")
     p.set_defaults(func=run)
 
