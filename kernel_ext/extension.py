@@ -51,11 +51,9 @@ def guard_for(shell: Any, *, load: bool = False) -> Guard:
     """The guard installed on ``shell``; with ``load=True`` load the extension first if needed."""
     guard = _GUARDS.get(shell)
     if guard is None and load:
-        manager = getattr(shell, "extension_manager", None)
-        if manager is not None:
-            manager.load_extension("nbrunbook")  # so %unload_ext knows it is loaded
-        if shell not in _GUARDS:
-            load_ipython_extension(shell)
+        # Not through the extension manager: a notebook's own `%load_ext nbrunbook`
+        # (run after a runner attached) must load quietly, not say "already loaded".
+        load_ipython_extension(shell)
         guard = _GUARDS.get(shell)
     if guard is None:
         raise LookupError("the nbrunbook extension is not loaded in this shell (%load_ext nbrunbook)")

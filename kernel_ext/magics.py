@@ -164,8 +164,19 @@ class RunbookMagics(Magics):
 
     # ------------------------------------------------------------ commands
 
+    def _headless_keeps(self, what: str) -> bool:
+        """A headless run (``nbrunbook run``) attached its instance before the first cell: keep it."""
+        session = self.guard.session if self.guard is not None else None
+        if session is None or session.options.mode != "headless":
+            return False
+        print(f"nbrunbook: {what} ignored: this kernel advances instance {session.instance_id} for `nbrunbook run`")
+        return True
+
     def _cmd_start(self, args: argparse.Namespace) -> None:
         from .session import attach
+
+        if self._headless_keeps("%runbook start"):
+            return
 
         params: dict[str, Any] = {}
         for name, value in args.param:
@@ -185,6 +196,9 @@ class RunbookMagics(Magics):
 
     def _cmd_attach(self, args: argparse.Namespace) -> None:
         from .session import attach
+
+        if self._headless_keeps("%runbook attach"):
+            return
 
         session = attach(
             self.shell,
