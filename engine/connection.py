@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol
+from .faults import crashpoint
 
 
 class Connection:
@@ -42,11 +43,14 @@ class Connection:
     def send(self, msg: dict[str, Any]) -> None:
         """Queue a message for the sender thread (never blocks: writer and dispatcher threads use it)."""
         if not self.closed:
+            if msg.get("t") == "res":  # an answer (e.g. to an outcome committed by the writer)
+                crashpoint("before_reply")
             self.out.put(protocol.dumps(msg))
 
     def send_now(self, msg: dict[str, Any]) -> None:
         """Write a message from this thread (a request's own thread answers: one hand-over less)."""
         if not self.closed:
+            crashpoint("before_reply")  # the request is done (a write: committed), its answer not yet sent
             self._write([protocol.dumps(msg)])
 
     def _send_loop(self) -> None:

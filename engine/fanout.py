@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from . import executors, heartbeat, values
 from .context import StepContext, bind, unbind
 from .errors import AttemptsExhausted, RunbookError, StepBusy, StepInterrupted
+from .faults import crashpoint
 from .model import Claim, ClaimOutcome, StepState
 from .store import DEFAULT_LEASE, Store
 
@@ -362,6 +363,7 @@ class FanOut:
         key = self.keys[i] = claim.step_key
         outcome = claim.outcome
         if outcome is ClaimOutcome.CLAIMED:
+            crashpoint("after_claim")
             self._submit(i, key, claim)
         elif outcome is ClaimOutcome.DONE:
             try:
@@ -476,6 +478,7 @@ class FanOut:
         except Exception as exc:  # noqa: BLE001 - not recordable: the branch fails with the reason
             return self._record_error(i, key, claim, exc)
         self._done_with(i, key)
+        crashpoint("before_record")
         try:
             fut = self.store.complete(
                 self.parent.instance_id,
@@ -494,6 +497,7 @@ class FanOut:
 
     def _record_error(self, i: int, key: str, claim: Claim, exc: BaseException) -> tuple[Any, ...]:
         self._done_with(i, key)
+        crashpoint("before_record")
         try:
             fut = self.store.fail(
                 self.parent.instance_id,

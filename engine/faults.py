@@ -18,6 +18,7 @@ POINTS = (
     "before_record",  # the step's code ran, its outcome is not recorded
     "inside_commit",  # statements executed, COMMIT not issued
     "after_commit",  # COMMIT done, reply not delivered
+    "before_reply",  # store server: the request is done (committed), its reply not yet sent
 )
 
 _armed: dict[str, int] = {}

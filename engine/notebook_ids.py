@@ -79,6 +79,11 @@ def read_json(path: str) -> dict[str, Any]:
         raise NotebookError(path, f"cannot be read ({exc})") from None
     except json.JSONDecodeError as exc:
         raise NotebookError(path, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    # The version first: an nbformat 3 notebook keeps its cells under "worksheets".
+    if isinstance(data, dict) and isinstance(data.get("nbformat"), int) and data["nbformat"] != 4:
+        raise NotebookError(
+            path, f"nbformat {data['nbformat']} is not supported; open and save it with Jupyter (nbformat 4)"
+        )
     if not isinstance(data, dict) or "cells" not in data or not isinstance(data.get("cells"), list):
         raise NotebookError(path, "is not a Jupyter notebook (no cell list)")
     if data.get("nbformat") != 4:

@@ -115,7 +115,8 @@ def python_source(params: Mapping[str, Any], comment: str = "Parameters") -> str
     """The injected cell's code: one assignment per parameter, as a Python literal."""
     lines = [f"# {comment}"]
     for name, value in params.items():
-        lines.append(f"{name} = {value!r}")
+        # Checked again here: parameters read back from a store become code in this cell.
+        lines.append(f"{_check_name(name)} = {value!r}")
     return "\n".join(lines) + "\n"
 
 

@@ -550,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a server in this process until it is stopped or idle."""
     args = build_parser().parse_args(argv)
+    # Every file this process creates is private: DuckDB re-creates the store's WAL after each
+    # checkpoint with the process umask (0644 under the usual 022), exposing recent commits.
+    os.umask(0o077)
     server = StoreServer(args.store, idle_timeout=args.idle_timeout, grace=args.grace, lock_wait=args.lock_wait)
     ready_fd: int | None = args.ready_fd
 

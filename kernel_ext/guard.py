@@ -49,6 +49,7 @@ from nbrunbook.engine.errors import (
     StepFenced,
     StepInterrupted,
 )
+from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
 
 # Only what loading needs is imported here; the modules a running session
@@ -318,6 +319,7 @@ class Guard:
             outcome = claim.outcome
             if outcome == ClaimOutcome.CLAIMED:
                 frame.claim = claim
+                crashpoint("after_claim")
                 self._report_pending(session, block=False)
                 if sig["fired"]:
                     frame.error = KeyboardInterrupt()
@@ -438,7 +440,13 @@ class Guard:
             run_id=session.run_id,
             owner=session.owner,
             store=session.store,
-            options={"lease": session.options.lease, "max_attempts": session.options.max_attempts},
+            options={
+                "lease": session.options.lease,
+                "max_attempts": session.options.max_attempts,
+                # The cell's branches are as retry-safe as the cell, or as the run was told to be.
+                "retry_safe": frame.target is not None
+                and (frame.target.spec.retry_safe or session.options.rerun_interrupted),
+            },
         )
         frame.ctx_token = step_context.bind(ctx)
         step_context.set_cell(ctx)

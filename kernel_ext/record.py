@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from nbrunbook.engine.errors import StepFenced
+from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import Claim, EncodedValue
 
 from . import saved
@@ -60,6 +61,7 @@ def record_outcome(
     Submitted with ``wait=False``: the commit overlaps the next cell and is
     ordered before its claim.
     """
+    crashpoint("before_record")
     common: dict[str, Any] = {"owner": session.owner, "epoch": claim.state.epoch, "run_id": session.run_id}
     if error is not None:
         fut = session.store.fail(
@@ -84,6 +86,9 @@ def record_outcome(
         )
         for w in warnings:
             warn(w)
+        for spec in target.spec.save:  # a failed save= is named again whenever the cell is skipped
+            if spec.name not in values and spec.name in shell.user_ns:
+                unsaved[spec.name] = f"save={spec.name}: a {type(shell.user_ns[spec.name]).__name__} cannot be recorded"
         record = {"outputs": outputs, "unsaved": unsaved, "source_hash": target.live_hash}
         text = json.dumps(record, separators=(",", ":"), default=_jsonable)
         values[CELL_RECORD] = EncodedValue("json", text.encode())
