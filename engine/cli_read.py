@@ -56,7 +56,13 @@ def register(sub: Any) -> None:
     p.add_argument("instance", metavar="INSTANCE")
     p.add_argument("cell", metavar="CELL", help="a cell id (or a step key)")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--rerun", dest="decision", action="store_const", const="rerun", help="run it again (same key)")
+    how.add_argument(
+        "--rerun",
+        dest="decision",
+        action="store_const",
+        const="rerun",
+        help="run it again (same key), and its interrupted branches",
+    )
     how.add_argument("--done", dest="decision", action="store_const", const="done", help="count it as done")
     how.add_argument("--skip", dest="decision", action="store_const", const="skip", help="skip it")
     p.add_argument("--note", default="", help="recorded in the journal")

@@ -705,10 +705,43 @@ class EmbeddedStore(Store):
                     raise tr.error
                 return Deferred(tr.error)
             assert tr.row is not None
+            if decision == "rerun":
+                self._rerun_interrupted_branches(batch, st, tr.row.key, owner=owner, run_id=run_id)
             return tr.row.to_state(instance_id)
 
         result: model.StepState = self._writer.call(op)
         return result
+
+    def _rerun_interrupted_branches(
+        self, batch: Batch, st: InstanceState, key: str, *, owner: str, run_id: str
+    ) -> None:
+        # A person who reruns a cell decides for the branches it left interrupted
+        # too: otherwise the cell's next attempt would find them refusing to run
+        # and fail. Each gets its own journaled decision; a branch still held by a
+        # live owner is left alone (machine.resolve refuses it).
+        prefix = key + "/"
+        below = sorted(
+            (
+                r
+                for r in st.rows.values()
+                if r.path.startswith(prefix) and r.status in (model.INTERRUPTED, model.RUNNING)
+            ),
+            key=lambda r: r.path,
+        )
+        for row in below:
+            tr = machine.resolve(
+                st.instance.instance_id,
+                row,
+                path=row.path,
+                decision="rerun",
+                owner=owner,
+                run_id=run_id,
+                note=f"with its cell {key}",
+                now=batch.now,
+                liveness=self._core.liveness,
+            )
+            if tr.error is None:
+                batch.apply(st, tr)
 
     def release_owner(
         self, owner: str, *, reason: str, run_id: str | None = None, unless_live: bool = False

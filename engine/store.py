@@ -226,9 +226,12 @@ class Store(abc.ABC):
     ) -> StepState:
         """A person's decision on an interrupted or failed step.
 
-        ``rerun`` -> pending (next claim is attempt + 1, same idempotency key);
-        ``done`` -> done; ``skip`` -> skipped. Atomic, durable on return,
-        journaled ``resolved``.
+        ``rerun`` -> pending (next claim is attempt + 1, same idempotency key),
+        and so is every interrupted branch under the step's current invocation
+        (each journaled ``resolved`` with the note "with its cell ..."), so the
+        step's next attempt can run them; ``done`` -> done; ``skip`` -> skipped.
+        Atomic (the step and its branches in one transaction), durable on
+        return, journaled ``resolved``.
         """
 
     @abc.abstractmethod

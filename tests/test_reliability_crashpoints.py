@@ -121,6 +121,7 @@ KERNEL_CASES = [
     ("after_claim", 1, "cell/prepare@1", False, "flag"),
     ("after_claim", 2, "cell/fan@1", False, "resolve"),  # a person decides: resolve --rerun
     ("after_claim", 3, "cell/fan@1/branch[0]@1", False, "flag"),  # branches claimed, none ran
+    ("after_claim", 3, "cell/fan@1/branch[0]@1", False, "resolve"),  # resolving the cell reruns its branches
     ("after_claim", 7, "cell/report@1", False, "retry-safe"),  # no decision needed
     # the code ran, its outcome was never recorded: two effects, one idempotency key
     ("before_record", 1, "cell/prepare@1", True, "flag"),
@@ -179,7 +180,10 @@ def test_kernel_killed_at_a_crash_point_then_resumed(
     assert [e["attempt"] for e in effects] == ([1, 2] if ran else [2])
     assert len({e["key"] for e in effects}) == 1
     if resume == "resolve":
-        assert any(e.event == "resolved" and e.payload["decision"] == "rerun" for e in events)
+        decided = {e.step_key for e in events if e.event == "resolved" and e.payload["decision"] == "rerun"}
+        assert step in decided or step.split("/branch[")[0] in decided
+        # every interrupted step was decided: the cell, and its branches with it
+        assert set(interrupted) <= decided, (interrupted, decided)
     if step == "cell/fan@1" and ran:
         # Attempt 2 of the fan-out cell found every branch done: none ran again.
         assert all(len(_effects_of(case, f"cell/fan@1/branch[{i}]@1")) == 1 for i in range(WIDTH))

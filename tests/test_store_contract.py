@@ -288,6 +288,38 @@ def test_resolve_refuses_a_live_or_finished_step(store: Store, new_instance: Cal
         store.resolve(iid, "cell/a", "maybe", owner=B, run_id="r")
 
 
+def test_resolve_rerun_of_a_cell_reruns_its_interrupted_branches(
+    store: Store, new_instance: Callable[..., str]
+) -> None:
+    # The kernel died inside a fan-out: the cell and its unfinished branches are
+    # interrupted. A person's `resolve CELL --rerun` must let the cell's next
+    # attempt run them; a finished branch stays done, a later invocation's and
+    # another cell's branches are not touched.
+    iid = new_instance()
+    other = _claim(store, iid, "cell/z", A)
+    z0 = _claim(store, iid, "cell/z@1/map[0]", A)
+    cell = _claim(store, iid, "cell/f", A)
+    b0 = _claim(store, iid, "cell/f@1/map[0]", A)
+    b1 = _claim(store, iid, "cell/f@1/map[1]", A)
+    nested = _claim(store, iid, "cell/f@1/map[1]@1/task[0]", A)
+    _done(store, iid, b0)
+    store.release_owner(A, reason="killed")
+    st = store.resolve(iid, "cell/f", "rerun", owner=B, run_id="r2", note="checked")
+    assert st.status == "pending"
+    again = {p: _claim(store, iid, p, B) for p in ("cell/f", "cell/f@1/map[1]", "cell/f@1/map[1]@1/task[0]")}
+    for c, first in zip(again.values(), (cell, b1, nested), strict=True):
+        assert c.outcome is ClaimOutcome.CLAIMED and c.state.attempt == 2
+        assert c.idempotency_key == first.idempotency_key
+    assert _claim(store, iid, "cell/f@1/map[0]", B).outcome is ClaimOutcome.DONE
+    for untouched in (other, z0):
+        assert store.step(iid, untouched.state.path).status == "interrupted"  # type: ignore[union-attr]
+    events = check_store(store, iid)
+    resolved = {e.step_key: e.payload for e in events if e.event == "resolved"}
+    assert set(resolved) == {"cell/f@1", "cell/f@1/map[1]@1", "cell/f@1/map[1]@1/task[0]@1"}
+    assert resolved["cell/f@1/map[1]@1"]["note"] == "with its cell cell/f@1"
+    assert {e.owner for e in events if e.event == "resolved"} == {B}
+
+
 def test_rerun_opens_a_new_invocation(store: Store, new_instance: Callable[..., str]) -> None:
     iid = new_instance()
     c1 = _claim(store, iid, "cell/a")
