@@ -243,7 +243,9 @@ store = open_store(location)
 effects = Effects(Path(effects_path))
 
 def work(item):
-    time.sleep(random.random() / 100)
+    # Long enough (~0.5 s of work per process in all) that the other process,
+    # released by the same gate, joins in even on a loaded 2-core machine.
+    time.sleep(0.015 + random.random() / 50)
     effects.record(item=item)
     return f"item-{item}-by-{context.context().owner}"
 
