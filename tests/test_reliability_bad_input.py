@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from helpers.holders import foreign_holder
 from helpers.runbooks import Run, cli, read_output, write_notebook
 from nbrunbook.engine.embedded import EmbeddedStore
 from nbrunbook.engine.factory import open_store
@@ -216,24 +215,8 @@ def _build_store(kind: str, path: Path) -> Iterator[str]:
         yield f"schema version {CURRENT_VERSION + 1}"
         return
     assert kind == "locked"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb, sys; c = duckdb.connect({str(path)!r}); print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with foreign_holder(path) as holder:
         yield f"PID {holder.pid}"
-    finally:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.close()
-        holder.wait(timeout=60)
-        holder.stdout.close()
 
 
 @pytest.mark.parametrize("kind", ["newer-schema", "locked", "other-duckdb", "directory"])

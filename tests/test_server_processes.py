@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from helpers.holders import foreign_holder
 from helpers.oracle import check_effects_once, check_store, read_effects
 from helpers.servers import client, read_json, start_server, wait_until
 from nbrunbook.engine import launch, protocol
@@ -255,13 +255,6 @@ def test_clients_starting_the_server_at_once_start_one(tmp_path: Path) -> None:
         assert sum(" serving " in line for line in fh) == 1  # one server ever started
 
 
-def _holder(path: Path) -> subprocess.Popen[str]:
-    code = f"import duckdb, sys; c = duckdb.connect({str(path)!r}); print('held', flush=True); sys.stdin.read()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_foreign_process_holding_the_file(tmp_path: Path) -> None:
     """The server cannot open the file: the client raises the same StoreLocked
     (naming the holder's PID) as an embedded open would, and nothing is lost."""
@@ -269,8 +262,7 @@ def test_foreign_process_holding_the_file(tmp_path: Path) -> None:
     s = EmbeddedStore(str(path))
     s.open_instance("rb", "kept", {"x": 1}, manifest_version=0, owner="a@h:1:x", run_id="r")
     s.close()
-    holder = _holder(path)
-    try:
+    with foreign_holder(path) as holder:
         with pytest.raises(StoreLocked) as embedded_error:
             EmbeddedStore(str(path))
         with pytest.raises(StoreLocked) as info:
@@ -279,11 +271,6 @@ def test_foreign_process_holding_the_file(tmp_path: Path) -> None:
         assert f"PID {holder.pid}" in str(info.value) and str(path) in str(info.value)
         assert info.value.holder == embedded_error.value.holder
         assert not protocol.lock_held(protocol.server_paths(str(path)))  # the server gave up and exited
-    finally:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.close()
-        holder.wait()
-        holder.stdout.close()
     store = _server_store(path)
     assert store.get_instance("kept").params == {"x": 1}
     store.close()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from helpers.holders import foreign_holder
 from nbrunbook.engine.embedded import EmbeddedStore
 from nbrunbook.engine.errors import StoreError, StoreLocked, StoreVersionError
 from nbrunbook.engine.factory import open_store
@@ -82,27 +81,10 @@ def test_foreign_process_holding_the_file(tmp_path: Path) -> None:
     s = EmbeddedStore(str(path))
     s.open_instance("rb", "kept", {}, manifest_version=0, owner="a@h:1:x", run_id="r")
     s.close()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb, sys; c = duckdb.connect({str(path)!r}); print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with foreign_holder(path) as holder:
         with pytest.raises(StoreLocked) as info:
             open_store(path)
         assert f"PID {holder.pid}" in str(info.value) and str(path) in str(info.value)
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait()
-        assert holder.stdout is not None
-        holder.stdout.close()
     s = EmbeddedStore(str(path))
     try:
         assert s.get_instance("kept").runbook == "rb"  # nothing lost
