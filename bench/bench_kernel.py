@@ -12,7 +12,7 @@
      ``v_i``, replay, one status line).
    Target (DESIGN.md / issue 4): <= 3 ms added per guarded cell, <= 1 ms per skip.
    The same store calls made directly (claim + pipelined complete with the
-   same values; claim + values read) are timed in the same kernel, so the
+   same values; one claim that returns the values) are timed in the same kernel, so the
    report splits the added time into store and guard.
 2. ``%load_ext nbrunbook`` in K fresh kernels: the time the magic takes in
    the kernel (the added start-up cost; the baseline is the kernel without it),
@@ -70,8 +70,7 @@ def _bench_store(iid, n):
     s.flush()
     t1 = _t.perf_counter()
     for i in range(n):
-        c = s.claim(iid, f"cell/f{i}", owner=me, run_id=run)
-        s.values(iid, c.step_key)
+        s.claim(iid, f"cell/f{i}", owner=me, run_id=run, with_values=True)
     return (t1 - t0) / n, (_t.perf_counter() - t1) / n
 """
 

@@ -119,6 +119,7 @@ class ServerStore(Store):
         rerun_interrupted: bool = False,
         requires: Sequence[str] = (),
         max_attempts: int | None = None,
+        with_values: bool = False,
     ) -> model.Claim:
         result: model.Claim = self._call(
             "claim",
@@ -133,6 +134,7 @@ class ServerStore(Store):
             rerun_interrupted=rerun_interrupted,
             requires=list(requires),
             max_attempts=max_attempts,
+            with_values=with_values,
         )
         return result
 

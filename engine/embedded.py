@@ -9,6 +9,7 @@ for the file it serves, with a liveness oracle fed by client connections.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ from .errors import (
 from .keys import parse_owner, process_owner, split_step_key, validate_instance_id
 from .machine import GONE, LIVE, UNKNOWN
 from .store import DECISIONS, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, TRANSITION_EVENTS, Store
-from .writer import _CURSOR_COLS, Batch, Deferred, InstanceState, Writer, dumps
+from .valuecache import ValueCache
+from .writer import _CURSOR_COLS, DEFAULT_LINGER, Batch, Deferred, InstanceState, Writer, dumps
 
 _EVENT_COLS = "seq, step_key, event, invocation, attempt, epoch, owner, run_id, ts, payload"
 
@@ -117,6 +119,7 @@ class _Core:
         self._dispatch: list[Any] = []
         self._dispatch_cv = threading.Condition()
         self._dispatcher: threading.Thread | None = None
+        self.values_cache = ValueCache()
         self.writer = Writer(self.con, path, clock=clock, linger=linger, on_commit=self._committed)
         self.closed = False
         # Fire-and-forget outcomes must reach the file even if the program
@@ -132,7 +135,15 @@ class _Core:
             self._local.cur = cur
         return cur
 
-    def _committed(self, events: list[tuple[str, model.Event]], dirty: set[tuple[str, str]]) -> None:
+    def _committed(self, batch: Batch) -> None:
+        """After each group commit (writer thread): cache its values, wake waiters, feed subscribers."""
+        if batch.values:
+            by_step: dict[tuple[str, str], dict[str, model.EncodedValue]] = {}
+            for iid, key, name, encoding, data in batch.values:
+                by_step.setdefault((iid, key), {})[name] = model.EncodedValue(encoding, data)
+            for (iid, key), values in by_step.items():
+                self.values_cache.put(iid, key, values)
+        events = batch.events
         with self.changed:
             self.generation += 1
             self.changed.notify_all()
@@ -252,7 +263,7 @@ class EmbeddedStore(Store):
         *,
         clock: Callable[[], float] = time.time,
         liveness: machine.Liveness | None = None,
-        linger: float = 0.005,
+        linger: float = DEFAULT_LINGER,
     ) -> None:
         self.location = os.path.abspath(path)
         key = os.path.realpath(self.location)
@@ -466,6 +477,7 @@ class EmbeddedStore(Store):
         rerun_interrupted: bool = False,
         requires: Sequence[str] = (),
         max_attempts: int | None = None,
+        with_values: bool = False,
     ) -> model.Claim:
         liveness = self._core.liveness
 
@@ -497,6 +509,10 @@ class EmbeddedStore(Store):
             return model.Claim(tr.outcome, tr.row.to_state(instance_id), tr.missing, limit)
 
         result: model.Claim = self._writer.call(op)
+        if with_values and result.outcome is model.ClaimOutcome.DONE and result.state.status == model.DONE:
+            # The done it found committed (with its values) before this answer:
+            # a reader sees them, and the writer thread does no extra work.
+            result = dataclasses.replace(result, values=self.values(instance_id, result.step_key))
         return result
 
     def claim_many(
@@ -921,6 +937,10 @@ class EmbeddedStore(Store):
         return out
 
     def values(self, instance_id: str, step_key: str) -> dict[str, model.EncodedValue]:
+        cache = self._core.values_cache
+        cached = cache.get(instance_id, step_key)
+        if cached is not None:
+            return cached
         rows = (
             self._core.reader()
             .execute(
@@ -929,7 +949,9 @@ class EmbeddedStore(Store):
             )
             .fetchall()
         )
-        return {name: model.EncodedValue(enc, bytes(data)) for name, enc, data in rows}
+        found = {name: model.EncodedValue(enc, bytes(data)) for name, enc, data in rows}
+        cache.put(instance_id, step_key, found)
+        return found
 
     def wait(self, instance_id: str, path: str, *, timeout: float) -> model.StepState | None:
         deadline = time.monotonic() + timeout

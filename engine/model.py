@@ -168,14 +168,18 @@ class Claim(_Record):
     state: StepState
     missing: list[str] = field(default_factory=list)
     max_attempts: int = 0
+    #: The recorded values of a ``done`` step, when asked for (``claim(..., with_values=True)``).
+    values: dict[str, EncodedValue] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Claim:
+        values = data.get("values")
         return cls(
             outcome=ClaimOutcome(data["outcome"]),
             state=StepState.from_dict(data["state"]),
             missing=list(data.get("missing", [])),
             max_attempts=int(data.get("max_attempts", 0)),
+            values=None if values is None else {k: EncodedValue.from_dict(v) for k, v in values.items()},
         )
 
     @property

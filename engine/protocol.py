@@ -25,6 +25,7 @@ client as the same class with the same message.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -347,7 +348,21 @@ def _state(s: model.StepState) -> dict[str, Any]:
 
 
 def _claim(c: model.Claim) -> dict[str, Any]:
-    return {"outcome": c.outcome.value, "state": _state(c.state), "missing": c.missing, "max_attempts": c.max_attempts}
+    data: dict[str, Any] = {
+        "outcome": c.outcome.value,
+        "state": _state(c.state),
+        "missing": c.missing,
+        "max_attempts": c.max_attempts,
+    }
+    if c.values is not None:
+        data["values"] = encode_values(c.values)
+    return data
+
+
+def _decode_claim(data: dict[str, Any]) -> model.Claim:
+    values = decode_values(data.pop("values", None))
+    claim = model.Claim.from_dict(data)
+    return claim if values is None else dataclasses.replace(claim, values=values)
 
 
 def _event(e: model.Event) -> dict[str, Any]:
@@ -372,8 +387,8 @@ _RESULTS: dict[str, _Codec] = {
         lambda p: [dict(p[0].__dict__), bool(p[1])],
         lambda d: (model.Instance(**d[0]), bool(d[1])),
     ),
-    "claim": (_claim, model.Claim.from_dict),
-    "claims": (lambda cs: [_claim(c) for c in cs], lambda d: [model.Claim.from_dict(c) for c in d]),
+    "claim": (_claim, _decode_claim),
+    "claims": (lambda cs: [_claim(c) for c in cs], lambda d: [_decode_claim(c) for c in d]),
     "state": (_state, lambda d: model.StepState(**d)),
     "state_or_none": (
         lambda s: None if s is None else _state(s),

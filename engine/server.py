@@ -393,8 +393,13 @@ class StoreServer:
         if op in protocol.HOLDING_OPS and isinstance(owner, str):
             # Before the operation runs: if the connection dies meanwhile, the release sees it.
             self._attach(conn, owner)
+        caller = hash((conn.id, msg.get("th")))
         if op in ("complete", "fail") and args.get("wait") is False:
-            self._submit_async(conn, rid, op, args)
+            set_caller(caller)  # group commit learns this client thread's pace
+            try:
+                self._submit_async(conn, rid, op, args)
+            finally:
+                set_caller(None)
         elif op == "subscribe":
             self._subscribe(conn, rid, args)
         elif op == "unsubscribe":
@@ -411,7 +416,6 @@ class StoreServer:
             counted = op != "wait"  # a wait holds nothing; the others must finish before a release
             if counted:
                 conn.begin()
-            caller = hash((conn.id, msg.get("th")))
             return functools.partial(self._run, conn, rid, op, args, counted, caller)
         return None
 

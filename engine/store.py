@@ -127,6 +127,7 @@ class Store(abc.ABC):
         rerun_interrupted: bool = False,
         requires: Sequence[str] = (),
         max_attempts: int | None = None,
+        with_values: bool = False,
     ) -> Claim:
         """Try to take the step; the returned :class:`Claim` says what happened.
 
@@ -142,6 +143,9 @@ class Store(abc.ABC):
         ``requires`` lists step paths that must be finished first (``ORDER``
         otherwise). A retry of the same call (same owner and ``token``) after a
         lost reply returns the caller's own claim instead of ``BUSY``.
+        With ``with_values``, a ``DONE`` answer for a step in status ``done``
+        also carries its recorded values (``Claim.values``, as :meth:`values`
+        returns them), saving a skipping caller a second request.
         """
 
     @abc.abstractmethod

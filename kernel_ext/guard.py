@@ -315,6 +315,7 @@ class Guard:
                     rerun_interrupted=opts.rerun_interrupted,
                     requires=target.requires,
                     max_attempts=opts.max_attempts,
+                    with_values=True,  # a skip needs them: one request instead of two
                 )
             outcome = claim.outcome
             if outcome == ClaimOutcome.CLAIMED:
@@ -333,7 +334,7 @@ class Guard:
             if outcome == ClaimOutcome.DONE:
                 from .record import read_record
 
-                values = store.values(iid, claim.step_key) if state.status == "done" else {}
+                values = claim.values or {}
                 record = read_record(values)
                 recorded_hash = record.get("source_hash")
                 note = ""

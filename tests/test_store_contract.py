@@ -145,6 +145,24 @@ def test_values_are_recorded_with_done(store: Store, new_instance: Callable[...,
     assert store.values(iid, "cell/a@2") == {}
 
 
+def test_a_done_claim_can_carry_its_values(store: Store, new_instance: Callable[..., str]) -> None:
+    iid = new_instance()
+    c = _claim(store, iid, "cell/a", with_values=True)
+    assert c.outcome is ClaimOutcome.CLAIMED and c.values is None  # only a done step has values to give
+    vals = {"x": EncodedValue("json", b"[1, 2]"), "blob": EncodedValue("arrow", bytes(range(256)))}
+    # Pipelined, as the kernel records: the next claim must still see the values.
+    store.complete(iid, c.step_key, owner=A, epoch=c.state.epoch, run_id="run-1", values=vals, wait=False)
+    again = _claim(store, iid, "cell/a", B, with_values=True)
+    assert again.outcome is ClaimOutcome.DONE and again.values == vals
+    assert _claim(store, iid, "cell/a", B).values is None  # not asked for: not read
+    skipped = _claim(store, iid, "cell/b")
+    store.release_owner(A, reason="test")
+    store.resolve(iid, "cell/b", "skip", owner=B, run_id="run-2")
+    answer = _claim(store, iid, "cell/b", B, with_values=True)
+    assert skipped.outcome is ClaimOutcome.CLAIMED
+    assert answer.outcome is ClaimOutcome.DONE and answer.state.status == "skipped" and answer.values is None
+
+
 def test_failure_retry_keeps_idempotency_key(store: Store, new_instance: Callable[..., str]) -> None:
     iid = new_instance()
     c1 = _claim(store, iid, "cell/a")

@@ -1,0 +1,50 @@
+"""When a group of fire-and-forget outcomes waits for its caller's next operation.
+
+The decision is deterministic given the observed gaps, so it is tested here
+directly, with fixed clock values; no wall-clock assertion.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+from nbrunbook.engine.embedded import EmbeddedStore
+from nbrunbook.engine.writer import _Gaps, _Op
+
+
+def _op(caller: int, sync: bool = False) -> _Op:
+    return _Op(lambda batch: None, Future(), sync, caller, time.monotonic())
+
+
+def test_gaps_learn_each_callers_follow_up_delay() -> None:
+    gaps = _Gaps()
+    gaps.sync_queued(1, 5.0)  # a sync op with no outcome before it teaches nothing
+    assert gaps.average == {}
+    gaps.outcome_queued(1, 10.0)
+    gaps.sync_queued(1, 10.0004)
+    assert abs(gaps.average[1] - 0.0004) < 1e-9
+    gaps.outcome_queued(2, 10.0)
+    gaps.sync_queued(2, 10.02)
+    assert abs(gaps.average[2] - 0.02) < 1e-9
+    # A moving average: one slow follow-up moves a quick caller only part of the way.
+    gaps.outcome_queued(1, 20.0)
+    gaps.sync_queued(1, 20.01)
+    assert 0.0004 < gaps.average[1] < 0.01
+
+
+def test_only_quick_followers_make_outcomes_wait(tmp_path: Path) -> None:
+    store = EmbeddedStore(str(tmp_path / "s.duckdb"))
+    try:
+        w = store.writer
+        assert w._linger_for([_op(1)]) == 0.0  # never seen: commit at once
+        w.gaps.average.update({1: 0.0003, 2: 0.050})
+        wait = w._linger_for([_op(1)])
+        assert 0.0 < wait <= w.linger  # a kernel running cells back to back
+        assert w._linger_for([_op(2)]) == 0.0  # a headless run: its next claim is a kernel round trip away
+        assert w._linger_for([_op(1), _op(2)]) == 0.0  # anyone slow in the group: no wait
+        w.linger = 0.0
+        assert w._linger_for([_op(1)]) == 0.0  # lingering switched off
+    finally:
+        store.close()
