@@ -165,7 +165,7 @@ def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, float]:
         assert c.outcome.value == "claimed"
         return elapsed
 
-    link = srv._link  # type: ignore[attr-defined]
+    link = srv._link
 
     def ping() -> float:
         t = time.perf_counter()

@@ -12,6 +12,11 @@
    - baseline: one transaction per claim (lean SQL, per-thread cursors);
    - nbrunbook: the writer's group commit.
 
+3. The contract's floor (bench/contract_floor.py) in the same run: the bare SQL a
+   pipelined step and a group of 8 claims need, with nothing around it. A
+   target below its floor cannot be met here by any engine keeping DESIGN.md
+   §2 rule 2 (cursor row and event committed together before the cell runs).
+
 Prints one JSON object; BENCHMARKS.md records it with the command line.
 Medians over ``--repeat`` rounds, all in one process, alternating order.
 """
@@ -30,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+from contract_floor import measure as contract_floor
 
 from nbrunbook.engine.dbfile import DUCKDB_CONFIG, open_database
 from nbrunbook.engine.embedded import EmbeddedStore
@@ -167,9 +173,13 @@ def main() -> None:
 
     naive, sync, pipelined, sync_commits, pipe_commits = [], [], [], [], []
     naive_tp, store_tp, per_commit = [], [], []
+    floors: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="nbrb-bench-") as tmp:
         d = Path(tmp)
         for r in range(args.repeat):
+            floor_dir = d / f"floor-{r}"
+            floor_dir.mkdir()
+            floors.append(contract_floor(floor_dir, steps=200))
             order = ["naive", "sync", "pipe"] if r % 2 == 0 else ["pipe", "sync", "naive"]
             for what in order:
                 path = d / f"{what}-{r}.duckdb"
@@ -212,6 +222,11 @@ def main() -> None:
             "nbrunbook_group_commit": round(med(store_tp)),
             "claims_per_commit": round(med(per_commit), 1),
             "speedup": round(med(store_tp) / med(naive_tp), 2),
+        },
+        "contract_floor_ms": {
+            "pipelined_step": round(med(f["pipelined_step"] for f in floors), 3),
+            "group_of_8_claims": round(med(f["group_of_8"] for f in floors), 3),
+            "ceiling_claims_per_s_8_threads": round(8000 / med(f["group_of_8"] for f in floors)),
         },
         "rounds": args.repeat,
     }
