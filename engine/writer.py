@@ -225,6 +225,9 @@ class _Gaps:
 
     def outcome_queued(self, caller: int, now: float) -> None:
         self._pending[caller] = now
+        if len(self._pending) > 4096:  # callers whose last word was an outcome (closed connections)
+            for key in list(self._pending)[:1024]:
+                self._pending.pop(key, None)
 
     def sync_queued(self, caller: int, now: float) -> None:
         since = self._pending.pop(caller, None)
@@ -235,7 +238,7 @@ class _Gaps:
         self.average[caller] = gap if old is None else old + self._WEIGHT * (gap - old)
         if len(self.average) > 4096:  # callers come and go (server connections): forget the oldest
             for key in list(self.average)[:1024]:
-                del self.average[key]
+                self.average.pop(key, None)
 
 
 class Writer:

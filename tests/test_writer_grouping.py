@@ -48,3 +48,12 @@ def test_only_quick_followers_make_outcomes_wait(tmp_path: Path) -> None:
         assert w._linger_for([_op(1)]) == 0.0  # lingering switched off
     finally:
         store.close()
+
+
+def test_gaps_stay_bounded_as_callers_come_and_go() -> None:
+    gaps = _Gaps()
+    for caller in range(10_000):  # server connections that ended with an outcome, or with a claim
+        gaps.outcome_queued(caller, 1.0)
+        if caller % 2:
+            gaps.sync_queued(caller, 1.001)
+    assert len(gaps._pending) <= 4096 and len(gaps.average) <= 4096
