@@ -386,7 +386,7 @@ class EmbeddedStore(Store):
                     "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [instance_id, runbook, manifest_version, dumps(clean), dumps(opts), batch.now, owner],
                 )
-                st = InstanceState(inst, 1, {}, set())
+                st = InstanceState(inst, 1, {}, {})
                 w.add_state(batch, st)
                 batch.add_event(
                     st,

@@ -21,6 +21,7 @@ any error inside the transaction leads to ``ROLLBACK``, never ``COMMIT``.
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -80,9 +81,16 @@ def _insert_params(rows: list[tuple[Any, ...]]) -> list[Any]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-SQL_UPDATE_CURSOR_ONE = (
-    "UPDATE cursor SET " + ", ".join(f"{c} = ?" for c in _CURSOR_NAMES[2:]) + " WHERE instance_id = ? AND path = ?"
-)
+_UPDATABLE = tuple(_CURSOR_NAMES[2:])  # every column but the key
+
+
+@functools.cache
+def _update_one_sql(columns: tuple[str, ...]) -> str:
+    """UPDATE of one cursor row setting ``columns`` (names from ``_UPDATABLE`` only)."""
+    assert columns and set(columns) <= set(_UPDATABLE)
+    return "UPDATE cursor SET " + ", ".join(f"{c} = ?" for c in columns) + " WHERE instance_id = ? AND path = ?"
+
+
 SQL_UPDATE_CURSOR_MANY = (
     "UPDATE cursor SET "
     + ", ".join(f"{c} = v.{c}" for c in _CURSOR_NAMES[2:])
@@ -104,7 +112,10 @@ class InstanceState:
     instance: model.Instance
     next_seq: int
     rows: dict[str, Row]
-    persisted: set[str]  # paths whose cursor row exists in the file
+    # path -> the row as the file holds it (rows are copied on every change,
+    # never mutated in place, so this is a snapshot): says INSERT vs UPDATE,
+    # and which columns an UPDATE must set.
+    persisted: dict[str, Row]
     once: dict[tuple[str, str | None], model.Event] = field(default_factory=dict)
 
 
@@ -336,7 +347,7 @@ class Writer:
         ).fetchall():
             ev = model.Event(instance_id, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]))
             once.setdefault((ev.event, ev.step_key), ev)
-        st = InstanceState(inst, next_seq, rows, set(rows), once)
+        st = InstanceState(inst, next_seq, rows, dict(rows), once)
         self.states[instance_id] = st
         return st
 
@@ -473,10 +484,11 @@ class Writer:
                 for op, _, _ in results:
                     op.future.set_exception(err)
                 return
-            for path in [p for p in batch.dirty]:
-                st = self.states.get(path[0])
-                if st is not None and path[1] in st.rows:
-                    st.persisted.add(path[1])
+            for iid, path in batch.dirty:
+                st = self.states.get(iid)
+                row = st.rows.get(path) if st is not None else None
+                if st is not None and row is not None:
+                    st.persisted[path] = row
             self.groups += 1
             self.grouped_ops += len(results)
             crashpoint("after_commit")
@@ -514,11 +526,15 @@ class Writer:
     def _write_cursor(self, batch: Batch) -> None:
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
+        single: tuple[Row, Row, str] | None = None  # (old, new, instance) of a lone update
         for iid, path in batch.dirty:
             st = self.states.get(iid)
             row = st.rows.get(path) if st else None
             if st is None or row is None:
                 continue  # created and undone within the group
+            old = st.persisted.get(path)
+            if old == row:
+                continue  # changed and changed back within the group
             values = (
                 iid,
                 path,
@@ -534,13 +550,20 @@ class Writer:
                 row.claimed_at,
                 row.finished_at,
             )
-            (updates if path in st.persisted else inserts).append(values)
+            if old is None:
+                inserts.append(values)
+            else:
+                updates.append(values)
+                single = (old, row, iid)
         con = self.con
         if inserts:
             con.execute(_insert_sql("cursor", len(_CURSOR_NAMES), len(inserts)), _insert_params(inserts))
         if len(updates) == 1:
-            u = updates[0]
-            con.execute(SQL_UPDATE_CURSOR_ONE, [*u[2:], u[0], u[1]])
+            assert single is not None
+            old, row, iid = single
+            # Only the columns this group changed: each column set costs ~0.05 ms here.
+            changed = [c for c in _UPDATABLE if getattr(old, c) != getattr(row, c)]
+            con.execute(_update_one_sql(tuple(changed)), [*(getattr(row, c) for c in changed), iid, row.path])
         elif updates:
             con.execute(SQL_UPDATE_CURSOR_MANY, [list(c) for c in zip(*updates, strict=True)])
 

@@ -50,7 +50,7 @@ REVIEWED: dict[tuple[str, str], str] = {
     ("engine/writer.py", "table"): "table name: every _insert_sql call passes a literal (checked below)",
     ("engine/writer.py", "i"): "the number of a $n placeholder (range over the width)",
     ("engine/writer.py", "c"): "a column name from _CURSOR_NAMES (a module constant)",
-    ("engine/writer.py", '", ".join(f"{c} = ?" for c in _CURSOR_NAMES[2:])'): "SET list: columns and placeholders",
+    ("engine/writer.py", '", ".join(f"{c} = ?" for c in columns)'): "SET list: columns checked against _UPDATABLE",
     ("engine/writer.py", '", ".join(f"{c} = v.{c}" for c in _CURSOR_NAMES[2:])'): "SET list from columns",
     (
         "engine/writer.py",
@@ -65,7 +65,7 @@ REVIEWED_CALLS: dict[tuple[str, str], str] = {
     ("engine/dbfile.py", "statement"): "DDL from schema.MIGRATIONS, literals",
     ("engine/embedded.py", "sql"): "built above from literals and placeholders (scanned)",
     ("engine/writer.py", "sql"): "Batch.sql: statements queued by add_sql (scanned)",
-    ("engine/writer.py", "SQL_UPDATE_CURSOR_ONE"): "module constant (scanned)",
+    ("engine/writer.py", "_update_one_sql(tuple(changed))"): "built from _UPDATABLE column names (scanned)",
     ("engine/writer.py", "SQL_UPDATE_CURSOR_MANY"): "module constant (scanned)",
     ("engine/runner.py", "code"): "a Jupyter kernel execute_request, not SQL",
 }
