@@ -9,7 +9,8 @@ per-cell cost (``(T_N - T_1) / (N - 1)``) can be compared without the fixed
 start-up costs. The nbrunbook first run uses a fresh instance each round, on the
 store server with a fresh store file; "resume" re-runs a finished instance
 (every cell skipped and replayed). Targets (DESIGN.md §10): ≤ 1.4 x nbclient
-and ≤ 0.6 x papermill.
+and ≤ 0.6 x papermill. Ratios are given as the ratio of the medians and as
+the median of the per-round ratios (the tools of one round run back to back).
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def main() -> None:
                 capture_output=True,
             )
     med = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in results.items()}
+
+    # Each round runs every tool back to back: the ratio within a round compares runs made under the
+    # same machine conditions (this machine's speed drifts by tens of % between rounds).
+    def round_ratio(tool: str, base: str) -> float:
+        pairs = zip(results[tool][args.cells], results[base][args.cells], strict=True)
+        return round(statistics.median(a / b for a, b in pairs), 2)
+
+    paired = {
+        "nbrunbook/nbclient": round_ratio("nbrunbook", "nbclient"),
+        "nbrunbook/papermill": round_ratio("nbrunbook", "papermill"),
+        "resume/first_run": round_ratio("resume", "nbrunbook"),
+    }
     per_cell = {t: (m[args.cells] - m[1]) / (args.cells - 1) for t, m in med.items()}
     total = {t: m[args.cells] for t, m in med.items()}
     print(
@@ -122,6 +135,8 @@ def main() -> None:
                     "nbrunbook/papermill": round(total["nbrunbook"] / total["papermill"], 2),
                     "resume/first_run": round(total["resume"] / total["nbrunbook"], 2),
                 },
+                "ratios_end_to_end_median_of_rounds": paired,
+                "end_to_end_s_all_rounds": {t: [round(x, 2) for x in per[args.cells]] for t, per in results.items()},
                 "ratios_per_cell": {
                     "nbrunbook/nbclient": round(per_cell["nbrunbook"] / per_cell["nbclient"], 2),
                     "nbrunbook/papermill": round(per_cell["nbrunbook"] / per_cell["papermill"], 2),
