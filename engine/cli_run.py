@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import json
 import os
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import cli
 from .cli_common import add_store_arg
@@ -16,6 +20,9 @@ from .factory import default_store_path
 from .keys import new_instance_id, validate_instance_id
 from .notebook_ids import NotebookError, assign_ids, missing_ids, read_json
 from .params import collect, inject
+
+if TYPE_CHECKING:
+    from .runner import RunbookClient
 
 ON_CHANGED = ("error", "rerun", "skip")
 
@@ -99,6 +106,13 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+    def grow(self, total: int) -> None:
+        """The notebook got an injected-parameters cell after the bar was made."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def start(self, index: int, name: str) -> None:
         if self.bar is not None:
@@ -195,19 +209,34 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.max_attempts is not None:
         options["max_attempts"] = args.max_attempts
-    stored = _stored_params(store, args.instance)
-    if stored is not None and not params:
-        nb = inject(nb, stored)  # a resume without -p runs with the instance's own parameters
+    # The first look at the store starts its server when none runs (~0.5 s: a
+    # process, DuckDB, the file): it goes on while the kernel starts (~1.5 s)
+    # instead of before. The inputs were all validated above, so the store may
+    # be touched now; if it refuses, the run ends as if that had come first
+    # (one error line - the kernel, on IPC, prints nothing - and no output).
+    stored_future = _in_background(_stored_params, store, args.instance)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     progress = Progress(len(code_cells), enabled=not args.no_progress)
     if not args.instance:
         print(f"nbrunbook: new instance {instance} (resume with -i {instance})", file=sys.stderr)
+
+    async def settle_parameters(c: RunbookClient) -> None:
+        try:
+            stored = await asyncio.wrap_future(stored_future)
+        except RunbookError as exc:
+            raise _StoreRefused(exc) from None
+        if stored is not None and not params:
+            # A resume without -p runs with the instance's own parameters.
+            c.nb.cells = inject(c.nb, stored).cells
+            c.params = None
+            progress.grow(sum(1 for cell in c.nb.cells if cell.cell_type == "code"))
+
     client = RunbookClient(
         nb,
         notebook_path=path,
         instance_id=instance,
         store=store,
-        params=params if (params or stored is None) else None,
+        params=params,
         options=options,
         force_params=args.force_params,
         runbook=runbook,
@@ -216,30 +245,38 @@ def run(args: argparse.Namespace) -> int:
         resources={"metadata": {"path": os.path.abspath(args.cwd or os.path.dirname(path))}},
         before_cell=lambda i, cell: progress.start(i, str(cell.get("id"))),
         on_cell=lambda outcome, i: progress.finish(outcome),
+        before_attach=settle_parameters,
     )
     code = cli.EXIT_OK
     message = ""
+    refused: RunbookError | None = None
     try:
         code = client.run()
+    except _StoreRefused as exc:
+        refused = exc.error
     except RunnerError as exc:
         code, message = exc.code, exc.message
     except RunbookError as exc:
         code, message = cli.exit_code_for(exc), str(exc)
     finally:
         progress.close()
-        _step_metadata(nb, store, instance)
-        nb.metadata["nbrunbook"] = {
-            "instance_id": instance,
-            "store": store,
-            "exit_code": code,
-            "parameters": params,
-        }
-        write_notebook(nb, output)
+        if refused is None:
+            nb = client.nb
+            _step_metadata(nb, store, instance)
+            nb.metadata["nbrunbook"] = {
+                "instance_id": instance,
+                "store": store,
+                "exit_code": code,
+                "parameters": params,
+            }
+            write_notebook(nb, output)
+    if refused is not None:
+        raise refused  # nothing ran and nothing was written, as when the store refused up front
     if message:
         print(f"nbrunbook: {message}", file=sys.stderr)
     if code == cli.EXIT_INTERRUPTED:
-        refused = next((o for o in reversed(client.outcomes) if o.ename == "StepInterrupted"), None)
-        cell = refused.cell_id if refused else "CELL"
+        stopped = next((o for o in reversed(client.outcomes) if o.ename == "StepInterrupted"), None)
+        cell = stopped.cell_id if stopped else "CELL"
         store_arg = f" --store {store}" if args.store else ""
         print(
             f"nbrunbook: decide, then run again: nbrunbook resolve {instance} {cell} --rerun|--done|--skip{store_arg}",
@@ -252,6 +289,28 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return code
+
+
+class _StoreRefused(Exception):
+    """The store refused the run's first look while the kernel was starting."""
+
+    def __init__(self, error: RunbookError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    """Run ``fn(*args)`` on a daemon thread; its result (or error) in a future."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered to whoever awaits it
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="nbrunbook-store-first-look", daemon=True).start()
+    return future
 
 
 def _stored_params(store: str, instance: str | None) -> dict[str, Any] | None:

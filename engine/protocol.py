@@ -50,6 +50,8 @@ _HEADER = struct.Struct(">I")
 DEFAULT_IDLE = 60.0
 # sun_path is 108 bytes on Linux, 104 on macOS; stay below both with the NUL.
 _SUN_PATH_MAX = 100
+#: The longest Unix socket path bound directly (longer ones need a detour, see _ShortPath).
+SOCKET_PATH_MAX = _SUN_PATH_MAX
 
 
 class ServerRunning(StoreUnavailable):

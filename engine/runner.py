@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 import typing as t
 from collections.abc import Callable, Mapping
@@ -30,7 +31,8 @@ from nbclient.util import run_sync
 from traitlets import Any as AnyTrait
 from traitlets import DottedObjectName, Type
 
-from . import cli
+from . import cli, protocol
+from .errors import RunbookError
 
 #: Guard refusals (the engine error class names) -> exit codes.
 EXIT_FOR_ENAME = {
@@ -88,11 +90,44 @@ class MetadataKernelClient(AsyncKernelClient):
         return str(msg["header"]["msg_id"])
 
 
+def _ipc_prefix() -> str | None:
+    """Where the run's kernel puts its ZMQ sockets; ``None`` keeps Jupyter's default (TCP).
+
+    The store server's private runtime directory (0700, checked; see
+    :func:`.protocol.runtime_dir`) already holds Unix sockets, so it can hold
+    these too; ZMQ adds ``-1`` ... ``-5`` to the prefix.
+    """
+    if os.name != "posix":
+        return None
+    try:
+        directory = protocol.runtime_dir()
+    except RunbookError:
+        return None
+    prefix = os.path.join(directory, f"kernel-{secrets.token_hex(6)}")
+    return prefix if len(os.fsencode(prefix)) + 2 <= protocol.SOCKET_PATH_MAX else None
+
+
 class RunbookKernelManager(AsyncKernelManager):
-    """An ``AsyncKernelManager`` handing out :class:`MetadataKernelClient` s."""
+    """An ``AsyncKernelManager`` handing out :class:`MetadataKernelClient` s, over IPC.
+
+    Jupyter's default transport is TCP on 127.0.0.1: every local user can
+    subscribe to the kernel's IOPub port and read its outputs (messages are
+    signed, not encrypted), and ipykernel warns about it on stderr at every
+    start. A headless run needs no remote client, so its kernel listens on
+    Unix sockets in the user's private runtime directory instead (unless
+    configured otherwise, or where there are none).
+    """
 
     client_class = DottedObjectName("nbrunbook.engine.runner.MetadataKernelClient")
     client_factory = Type(MetadataKernelClient, klass=AsyncKernelClient)
+
+    def __init__(self, **kwargs: t.Any) -> None:
+        super().__init__(**kwargs)
+        configured = "transport" in kwargs or "transport" in self.config.get("KernelManager", {})
+        prefix = None if configured else _ipc_prefix()
+        if prefix is not None:
+            self.transport = "ipc"
+            self.ip = prefix
 
 
 @dataclass
@@ -138,6 +173,7 @@ class RunbookClient(NotebookClient):
         runbook: str | None = None,
         on_cell: Callable[[CellOutcome, int], None] | None = None,
         before_cell: Callable[[int, t.Any], None] | None = None,
+        before_attach: Callable[[RunbookClient], t.Awaitable[None]] | None = None,
         **kw: t.Any,
     ) -> None:
         kw.setdefault("kernel_manager_class", RunbookKernelManager)
@@ -152,6 +188,9 @@ class RunbookClient(NotebookClient):
         self.runbook = runbook
         self.on_cell = on_cell
         self.before_cell = before_cell
+        # Awaited once the kernel runs, before the instance is attached: work the
+        # caller started alongside the kernel's start (the store's first look).
+        self.before_attach = before_attach
         self.outcomes: list[CellOutcome] = []
 
     # ------------------------------------------------------------ kernel side
@@ -203,6 +242,8 @@ class RunbookClient(NotebookClient):
         self.reset_execution_trackers()
         try:
             async with self.async_setup_kernel(cwd=self.resources.get("metadata", {}).get("path")):
+                if self.before_attach is not None:
+                    await self.before_attach(self)
                 await self._attach()
                 code = await self._run_cells()
                 if code == cli.EXIT_OK:

@@ -321,3 +321,30 @@ def test_nbconvert_execute_with_the_runbook_preprocessor(rb: dict[str, Path]) ->
     effects = read_effects(rb["effects"])
     assert [e["attempt"] for e in effects if e["step_key"] == "cell/second@1"] == [1, 2]
     assert [e["step_key"] for e in effects].count("cell/first@1") == 1
+
+
+def test_the_kernel_listens_on_private_unix_sockets_not_tcp(tmp_path: Path) -> None:
+    """A headless run's kernel uses IPC in the private runtime directory: no port for other users to read."""
+    from nbrunbook.engine.protocol import runtime_dir
+
+    seen = tmp_path / "connection.json"
+    nb = write_notebook(
+        tmp_path / "ipc.ipynb",
+        [
+            (
+                "look",
+                "from ipykernel.connect import get_connection_info\n"
+                f"open({str(seen)!r}, 'w').write(get_connection_info())",
+                [],
+            )
+        ],
+    )
+    run = cli("run", str(nb), "-i", "ipc-1", "--store", str(tmp_path / "s.duckdb"), "--no-progress", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    info = json.loads(seen.read_text())
+    directory = runtime_dir()
+    assert info["transport"] == "ipc" and info["ip"].startswith(directory + os.sep), info
+    assert "running over TCP" not in run.stderr
+    prefix = os.path.basename(info["ip"])
+    assert not [n for n in os.listdir(directory) if n.startswith(prefix)], "the kernel's sockets were left behind"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("kernel-")], "sockets were made in the working dir"
