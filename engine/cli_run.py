@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import cli
 from .cli_common import add_store_arg
@@ -142,14 +142,21 @@ class Progress:
             self.bar.close()
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
-    """Validate everything before a kernel starts or the store is touched.
+class Checked(NamedTuple):
+    """A run's inputs, checked without nbformat (see :func:`check`)."""
 
-    Returns (notebook with injected parameters and ids, notebook path,
-    parameters, whether ids were derived). Raises ``RunbookError`` (exit 2).
+    raw: dict[str, Any]  # the notebook's JSON, with derived ids if it had none
+    path: str
+    params: dict[str, Any]
+    derived: bool
+    cwd: str
+
+
+def check(args: argparse.Namespace) -> Checked:
+    """Check every input that needs no nbformat; sets ``args.kernel`` to the kernel to start.
+
+    Raises ``RunbookError`` (exit 2) before anything is started or written.
     """
-    import nbformat
-
     path = os.path.abspath(args.notebook)
     raw = read_json(path)
     derived = missing_ids(raw) > 0
@@ -160,11 +167,6 @@ def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
     if dups:
         # nbformat.reads would silently "repair" them; a step's identity is its id.
         raise DuplicateCellIds(dups)
-    try:
-        nb = nbformat.reads(json.dumps(raw), as_version=4)
-        nbformat.validate(nb)
-    except nbformat.ValidationError as exc:
-        raise NotebookError(path, f"is not a valid notebook ({exc.message})") from None
     if args.instance is not None:
         validate_instance_id(args.instance)
     params = collect(
@@ -173,7 +175,10 @@ def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
         raw=[tuple(p) for p in args.parameters_raw],
         typed=[tuple(p) for p in args.parameters],
     )
-    kernel = args.kernel or nb.metadata.get("kernelspec", {}).get("name") or "python3"
+    metadata = raw.get("metadata")
+    spec = metadata.get("kernelspec") if isinstance(metadata, dict) else None
+    named = spec.get("name") if isinstance(spec, dict) else None
+    kernel = args.kernel or (named if isinstance(named, str) and named else "python3")
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
@@ -183,14 +188,58 @@ def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
     args.kernel = kernel
     if args.cwd is not None and not os.path.isdir(args.cwd):
         raise NotebookError(args.cwd, "--cwd is not a directory")
-    return inject(nb, params), path, params, derived
+    return Checked(raw, path, params, derived, os.path.abspath(args.cwd or os.path.dirname(path)))
+
+
+def validated(checked: Checked) -> Any:
+    """The checked notebook as an nbformat node with the parameters injected; ``NotebookError`` if invalid."""
+    import nbformat
+
+    try:
+        nb = nbformat.reads(json.dumps(checked.raw), as_version=4)
+        nbformat.validate(nb)
+    except nbformat.ValidationError as exc:
+        raise NotebookError(checked.path, f"is not a valid notebook ({exc.message})") from None
+    return inject(nb, checked.params)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
+    """Validate everything before a kernel starts or the store is touched.
+
+    Returns (notebook with injected parameters and ids, notebook path,
+    parameters, whether ids were derived). Raises ``RunbookError`` (exit 2).
+    """
+    checked = check(args)
+    return validated(checked), checked.path, checked.params, checked.derived
 
 
 def run(args: argparse.Namespace) -> int:
     """``nbrunbook run``."""
+    checked = check(args)
+    # The kernel boots (~1 s) in its own process while this one imports nbformat
+    # and nbclient (~1-2 s here, mostly jsonschema's format checkers) and
+    # validates the notebook: it is started before them, not after. If the
+    # notebook then turns out invalid, it is killed; nothing else was touched.
+    from . import kernel as run_kernel
+
+    km = run_kernel.start_early(args.kernel, checked.cwd)
+    try:
+        nb = validated(checked)
+        from . import runner  # noqa: F401 - nbclient's imports, while the kernel boots
+    except BaseException:
+        run_kernel.stop(km)
+        raise
+    try:
+        return _advance(args, checked, nb, km)
+    finally:
+        run_kernel.stop(km)  # a no-op once the client shut it down; else nothing is left running
+
+
+def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> int:
+    """Run the validated notebook on the started kernel ``km``: one advance of the instance."""
     from .runner import RunbookClient, RunnerError, write_notebook
 
-    nb, path, params, derived = prepare(args)
+    path, params, derived = checked.path, checked.params, checked.derived
     if derived:
         print(
             f"nbrunbook: {args.notebook} has no cell ids (nbformat 4.4): using ids derived from cell order and "
@@ -210,10 +259,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_attempts is not None:
         options["max_attempts"] = args.max_attempts
     # The first look at the store starts its server when none runs (~0.5 s: a
-    # process, DuckDB, the file): it goes on while the kernel starts (~1.5 s)
-    # instead of before. The inputs were all validated above, so the store may
-    # be touched now; if it refuses, the run ends as if that had come first
-    # (one error line - the kernel, on IPC, prints nothing - and no output).
+    # process, DuckDB, the file): it goes on while the kernel finishes its start
+    # and the client connects, instead of before. The inputs were all validated
+    # above, so the store may be touched now; if it refuses, the run ends as if
+    # that had come first (one error line - the kernel, on IPC, prints nothing -
+    # and no output).
     stored_future = _in_background(_stored_params, store, args.instance)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     progress = Progress(len(code_cells), enabled=not args.no_progress)
@@ -242,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
         runbook=runbook,
         kernel_name=args.kernel,
         timeout=args.cell_timeout,
-        resources={"metadata": {"path": os.path.abspath(args.cwd or os.path.dirname(path))}},
+        km=km,
+        resources={"metadata": {"path": checked.cwd}},
         before_cell=lambda i, cell: progress.start(i, str(cell.get("id"))),
         on_cell=lambda outcome, i: progress.finish(outcome),
         before_attach=settle_parameters,

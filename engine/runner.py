@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 import typing as t
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from jupyter_client.asynchronous import AsyncKernelClient
-from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 from nbclient.util import run_sync
-from traitlets import Any as AnyTrait
-from traitlets import DottedObjectName, Type
 
-from . import cli, protocol
-from .errors import RunbookError
+from . import cli
+from .kernel import MetadataKernelClient, RunbookKernelManager
 
 #: Guard refusals (the engine error class names) -> exit codes.
 EXIT_FOR_ENAME = {
@@ -54,80 +49,6 @@ EXIT_FOR_ENAME = {
     "StoreVersionError": cli.EXIT_STORE,
     "ProtocolError": cli.EXIT_STORE,
 }
-
-
-class MetadataKernelClient(AsyncKernelClient):
-    """An ``AsyncKernelClient`` whose next ``execute`` carries request metadata.
-
-    jupyter_client's ``execute`` cannot set the request's metadata, which is
-    where JupyterLab puts ``cellId``; this is the one place we build the
-    ``execute_request`` ourselves, with the same content jupyter_client builds.
-    """
-
-    next_metadata = AnyTrait(default_value=None, allow_none=True)
-
-    def execute(
-        self,
-        code: str,
-        silent: bool = False,
-        store_history: bool = True,
-        user_expressions: dict[str, t.Any] | None = None,
-        allow_stdin: bool | None = None,
-        stop_on_error: bool = True,
-    ) -> str:
-        """Send an execute_request with :attr:`next_metadata` (then cleared)."""
-        metadata, self.next_metadata = self.next_metadata or {}, None
-        content = {
-            "code": code,
-            "silent": silent,
-            "store_history": store_history and not silent,
-            "user_expressions": user_expressions or {},
-            "allow_stdin": self.allow_stdin if allow_stdin is None else allow_stdin,
-            "stop_on_error": stop_on_error,
-        }
-        msg = self.session.msg("execute_request", content, metadata=metadata)
-        self.shell_channel.send(msg)
-        return str(msg["header"]["msg_id"])
-
-
-def _ipc_prefix() -> str | None:
-    """Where the run's kernel puts its ZMQ sockets; ``None`` keeps Jupyter's default (TCP).
-
-    The store server's private runtime directory (0700, checked; see
-    :func:`.protocol.runtime_dir`) already holds Unix sockets, so it can hold
-    these too; ZMQ adds ``-1`` ... ``-5`` to the prefix.
-    """
-    if os.name != "posix":
-        return None
-    try:
-        directory = protocol.runtime_dir()
-    except RunbookError:
-        return None
-    prefix = os.path.join(directory, f"kernel-{secrets.token_hex(6)}")
-    return prefix if len(os.fsencode(prefix)) + 2 <= protocol.SOCKET_PATH_MAX else None
-
-
-class RunbookKernelManager(AsyncKernelManager):
-    """An ``AsyncKernelManager`` handing out :class:`MetadataKernelClient` s, over IPC.
-
-    Jupyter's default transport is TCP on 127.0.0.1: every local user can
-    subscribe to the kernel's IOPub port and read its outputs (messages are
-    signed, not encrypted), and ipykernel warns about it on stderr at every
-    start. A headless run needs no remote client, so its kernel listens on
-    Unix sockets in the user's private runtime directory instead (unless
-    configured otherwise, or where there are none).
-    """
-
-    client_class = DottedObjectName("nbrunbook.engine.runner.MetadataKernelClient")
-    client_factory = Type(MetadataKernelClient, klass=AsyncKernelClient)
-
-    def __init__(self, **kwargs: t.Any) -> None:
-        super().__init__(**kwargs)
-        configured = "transport" in kwargs or "transport" in self.config.get("KernelManager", {})
-        prefix = None if configured else _ipc_prefix()
-        if prefix is not None:
-            self.transport = "ipc"
-            self.ip = prefix
 
 
 @dataclass
@@ -179,6 +100,10 @@ class RunbookClient(NotebookClient):
         kw.setdefault("kernel_manager_class", RunbookKernelManager)
         kw.setdefault("store_widget_state", True)
         super().__init__(nb, **kw)
+        if kw.get("km") is not None:
+            # A kernel started for this run (kernel.start_early): the client shuts
+            # it down at the end, as nbclient does with a kernel it starts itself.
+            self.owns_km = True
         self.notebook_path = notebook_path
         self.instance_id = instance_id
         self.store_location = store

@@ -48,7 +48,9 @@ class Expect:
 
 #: One entry per file of tests/corpus/.
 CORPUS: dict[str, Expect] = {
-    # notebooks that must be refused before a kernel starts
+    # notebooks that must be refused: the first five before a kernel starts; the last by
+    # nbformat's schema while the run's kernel boots, which then goes too (see test_runner's
+    # test_a_notebook_refused_by_its_schema_leaves_no_kernel_behind)
     "malformed-json.ipynb": Expect("notebook", 2, "is not valid JSON (line "),
     "not-a-notebook.ipynb": Expect("notebook", 2, "is not a Jupyter notebook (no cell list)"),
     "not-utf8.ipynb": Expect("notebook", 2, "cannot be read ('utf-8' codec can't decode"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -348,3 +350,57 @@ def test_the_kernel_listens_on_private_unix_sockets_not_tcp(tmp_path: Path) -> N
     prefix = os.path.basename(info["ip"])
     assert not [n for n in os.listdir(directory) if n.startswith(prefix)], "the kernel's sockets were left behind"
     assert not [n for n in os.listdir(tmp_path) if n.startswith("kernel-")], "sockets were made in the working dir"
+
+
+def _processes_with(marker: str) -> dict[int, str]:
+    """Live processes whose environment holds ``marker`` (a run's kernel inherits it): pid -> command line."""
+    found = {}
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle not in fh.read():
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                found[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def test_a_notebook_refused_by_its_schema_leaves_no_kernel_behind(tmp_path: Path) -> None:
+    """The kernel starts while nbformat validates the notebook; when validation refuses it, the kernel goes too."""
+    corpus = Path(__file__).parent / "corpus" / "bad-cell-id.ipynb"  # valid JSON, refused by nbformat's schema
+    nb = tmp_path / "bad-cell-id.ipynb"
+    nb.write_bytes(corpus.read_bytes())
+    marker = f"early-{os.getpid()}-{time.monotonic_ns()}"
+    temp = tmp_path / "tmp"  # where jupyter_client writes the kernel's connection file
+    private = tmp_path / "private-runtime"  # where its IPC sockets go
+    temp.mkdir()
+    env = {**os.environ, "NBRB_TEST_MARK": marker, "TMPDIR": str(temp), "NBRUNBOOK_RUNTIME_DIR": str(private)}
+    store = tmp_path / "store" / "s.duckdb"
+    args = ["run", str(nb), "-i", "early-1", "--store", str(store), "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbrunbook.engine.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    kernels_seen: set[int] = set()
+    while proc.poll() is None:
+        kernels_seen |= {pid for pid, cmd in _processes_with(marker).items() if "ipykernel" in cmd}
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbrunbook: error: ") and "is not a valid notebook" in lines[0]
+    assert kernels_seen, "no kernel was started before the refusal: the test did not exercise the early start"
+    # ... and it was stopped: no process, no connection file, no socket left; the store never touched.
+    assert _processes_with(marker) == {}
+    assert list(temp.iterdir()) == [], "the kernel's connection file was left behind"
+    assert not [p.name for p in private.iterdir() if p.name.startswith("kernel-")], "its sockets were left behind"
+    assert not store.parent.exists()
