@@ -211,8 +211,11 @@ def test_keyboard_interrupt_in_a_branch_cancels_pending_branches(
 
 
 _SIGINT_CHILD = """
-import faulthandler, sys, time
+import faulthandler, signal, sys, time
 faulthandler.dump_traceback_later(50)  # a hang shows its stacks in the test failure
+# Python keeps SIGINT ignored if it started that way (a suite run as a background job of a
+# non-interactive shell); this test is about Ctrl-C becoming KeyboardInterrupt, so say so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 import nbrunbook as rb
 from helpers.cells import Effects, running_cell
@@ -273,7 +276,11 @@ def test_sigint_to_a_process_running_a_fanout(store_kind: str, store_path: Path,
                     child.kill()
                     pytest.fail(f"the child did not start its branches: {out!r} {child.stderr.read()}")
             child.send_signal(signal.SIGINT)
-            child.wait(timeout=120)
+            try:
+                child.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                pytest.fail(f"the child hung after SIGINT: {out!r} {child.stderr.read()}")
             reader.join(timeout=10)
             while not lines.empty():
                 out += lines.get()
