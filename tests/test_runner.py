@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -379,17 +377,9 @@ def test_a_notebook_refused_by_its_schema_leaves_no_kernel_behind(tmp_path: Path
     temp = tmp_path / "tmp"  # where jupyter_client writes the kernel's connection file
     private = tmp_path / "private-runtime"  # where its IPC sockets go
     temp.mkdir()
-    env = {**os.environ, "NBRB_TEST_MARK": marker, "TMPDIR": str(temp), "NBRUNBOOK_RUNTIME_DIR": str(private)}
+    env = {"NBRB_TEST_MARK": marker, "TMPDIR": str(temp), "NBRUNBOOK_RUNTIME_DIR": str(private)}
     store = tmp_path / "store" / "s.duckdb"
-    args = ["run", str(nb), "-i", "early-1", "--store", str(store), "--no-progress"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nbrunbook.engine.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+    proc = start_cli("run", str(nb), "-i", "early-1", "--store", str(store), "--no-progress", cwd=tmp_path, env=env)
     kernels_seen: set[int] = set()
     while proc.poll() is None:
         kernels_seen |= {pid for pid, cmd in _processes_with(marker).items() if "ipykernel" in cmd}

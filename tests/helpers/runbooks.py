@@ -91,14 +91,15 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     return Run(out.returncode, out.stdout, out.stderr)
 
 
-def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
-    """Start ``nbrunbook ARGS`` without waiting."""
+def start_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``nbrunbook ARGS`` without waiting (``env`` is added to this process's environment)."""
     return subprocess.Popen(
         [sys.executable, "-m", "nbrunbook.engine.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 
