@@ -224,20 +224,14 @@ def run(args: argparse.Namespace) -> int:
 
     km = run_kernel.start_early(args.kernel, checked.cwd)
     try:
-        nb = validated(checked)
-        from . import runner  # noqa: F401 - nbclient's imports, while the kernel boots
-    except BaseException:
-        run_kernel.stop(km)
-        raise
-    try:
-        return _advance(args, checked, nb, km)
+        return _advance(args, checked, validated(checked), km)
     finally:
         run_kernel.stop(km)  # a no-op once the client shut it down; else nothing is left running
 
 
 def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> int:
     """Run the validated notebook on the started kernel ``km``: one advance of the instance."""
-    from .runner import RunbookClient, RunnerError, write_notebook
+    from .runner import RunbookClient, RunnerError, write_notebook  # nbclient's imports, while the kernel boots
 
     path, params, derived = checked.path, checked.params, checked.derived
     if derived:
