@@ -1,6 +1,6 @@
 """Kernel extension benchmarks (DESIGN.md §10), each against a baseline in the same run.
 
-    python bench/bench_kernel.py [--cells N] [--repeat R] [--kernels K]
+    python bench/bench_kernel.py [--cells N] [--repeat R] [--kernels K] [--history memory|disk]
 
 1. Guard overhead per trivial cell, measured inside one real kernel (so the
    ZMQ round trip, the same with and without the guard, is left out): N
@@ -21,6 +21,9 @@
    the kernel (the added start-up cost; the baseline is the kernel without it),
    and which heavy modules it imported (none of duckdb, nbformat, pyarrow,
    ipywidgets should be). Target: <= 50 ms.
+
+The guarded and unguarded phases share one kernel, whose IPython history is
+in memory by default (``--history disk``: IPython's SQLite file; see HISTORY).
 
 Prints one JSON object. Medians over ``--repeat`` rounds; the phases of a
 round alternate order so drift hits both sides.
@@ -87,9 +90,9 @@ SETTLE = "from nbrunbook.kernel_ext import current\ncurrent(get_ipython()).store
 class Kernel:
     """A kernel with a blocking client; code runs silently, results come back via user_expressions."""
 
-    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+    def __init__(self, cwd: str, env: dict[str, str], extra: list[str] | None = None) -> None:
         self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(cwd=cwd, env=env)
+        self.km.start_kernel(cwd=cwd, env=env, extra_arguments=extra or [])
         self.kc = self.km.blocking_client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=120)
@@ -127,11 +130,22 @@ def write_notebook(path: Path, n: int) -> list[tuple[str, str]]:
     return [(c.id, c.source) for c in cells]
 
 
-def guard_overhead(workdir: Path, env: dict[str, str], n: int, repeat: int) -> dict[str, Any]:
+#: IPython's input history, per ``--history``. ``disk`` is IPython's default
+#: (an SQLite file); ``memory`` is what ``nbrunbook run`` gives its kernels.
+#: Cells run back to back here, which no person or runner does: with the file,
+#: a cell that waits on a socket (the guard's claim) lets IPython's history
+#: thread commit the previous input to SQLite while it holds the lock the next
+#: cell's ``store_inputs`` needs, so the guarded phases also pay for SQLite
+#: commits that in a session happen while the kernel is idle between cells
+#: (measured: ~0.5 ms of a skipped cell's added time was that wait).
+HISTORY = {"memory": ["--HistoryManager.hist_file=:memory:"], "disk": []}
+
+
+def guard_overhead(workdir: Path, env: dict[str, str], n: int, repeat: int, history: str) -> dict[str, Any]:
     nb_path = workdir / "bench.ipynb"
     cells = write_notebook(nb_path, n)
     store = workdir / "store.duckdb"
-    k = Kernel(str(workdir), env)
+    k = Kernel(str(workdir), env, HISTORY[history])
     try:
         k.run(DRIVER)
         plain: list[float] = []
@@ -166,6 +180,7 @@ def guard_overhead(workdir: Path, env: dict[str, str], n: int, repeat: int) -> d
         return {
             "cells_per_round": n,
             "rounds": repeat,
+            "ipython_history": history,
             "per_cell_ms": {"unguarded": round(p, 3), "guarded_first_run": round(g, 3), "guarded_skip": round(s, 3)},
             "added_ms": {"claim_and_record": round(g - p, 3), "skip": round(s - p, 3)},
             "of_which_store_calls_ms": {"claim_and_complete": round(fr, 3), "claim_and_values": round(fs, 3)},
@@ -213,6 +228,9 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--kernels", type=int, default=5)
+    ap.add_argument(
+        "--history", choices=sorted(HISTORY), default="memory", help="IPython's input history (see HISTORY)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nbrb-bench-kernel-") as tmp:
         workdir = Path(tmp)
@@ -226,7 +244,7 @@ def main() -> None:
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "python": platform.python_version(),
             "ipython": __import__("IPython").__version__,
-            "guard_overhead": guard_overhead(workdir, env, args.cells, args.repeat),
+            "guard_overhead": guard_overhead(workdir, env, args.cells, args.repeat, args.history),
             "load_ext": load_time(workdir, env, args.kernels),
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         }

@@ -49,7 +49,7 @@ def _env_float(name: str, default: float) -> float:
 
 def handshake(
     sock: socket.socket, location: str, paths: ServerPaths, owners: Sequence[str], *, control: bool = False
-) -> tuple[protocol.Readable, dict[str, Any]]:
+) -> tuple[protocol.SocketReader, dict[str, Any]]:
     """Exchange hellos; raise the server's refusal or a version mismatch as one clear error.
 
     ``control``: a short-lived connection of ``nbrunbook server status|stop``,
@@ -61,7 +61,8 @@ def handshake(
         sock.sendall(protocol.dumps(ours))
     except (BrokenPipeError, ConnectionResetError):
         pass  # a server that refuses us answers and hangs up at once: read why below
-    rfile: protocol.Readable = sock.makefile("rb", buffering=65536)
+    # Not ``makefile``: the link reads on from this reader and must see all it buffered.
+    rfile = protocol.SocketReader(sock)
     try:
         try:
             reply = protocol.read_frame(rfile)

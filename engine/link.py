@@ -1,8 +1,12 @@
 """The connection of one process to one store server, shared by its threads.
 
 Requests carry ids, so any number of threads (branch fan-outs) use one
-socket; a reader thread hands answers to the waiting callers and subscription
-pushes to a delivery thread.
+socket. Whoever waits for an answer reads the socket itself (one thread at a
+time holds the *reading role*), handing answers meant for other threads to
+their futures and subscription pushes to a delivery thread: a lone caller
+gets its answer without a thread hand-over (~0.1 ms on a 2-core machine). A
+watcher thread per connection takes the role only when data arrives that no
+caller is reading: answers nobody waits for yet, pushes, the connection's end.
 
 When the connection is lost (server killed, restarted, stopped) the link
 reconnects - starting a server if none runs - re-asserts its owners in the
@@ -21,6 +25,7 @@ import atexit
 import itertools
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -35,17 +40,84 @@ from .launch import CONNECT_TIMEOUT, handshake, start_server
 from .protocol import ServerPaths
 
 
+class _Reply(Future[Any]):
+    """The answer to one request; waiting for it reads the socket (see the module doc)."""
+
+    def __init__(self, link: Link) -> None:
+        super().__init__()
+        self._link = link
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            timeout = self._link._await(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            timeout = self._link._await(self, timeout)
+        return super().exception(timeout)
+
+
+class _Wire:
+    """One connection's socket, its buffered bytes and its reading role."""
+
+    __slots__ = ("cv", "dead", "ended", "graceful", "holder", "poller", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, reader: protocol.SocketReader) -> None:
+        self.sock = sock
+        self.reader = reader
+        self.poller = select.poll()  # the reader's, for waits with a timeout
+        self.poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        self.cv = threading.Condition()
+        self.holder: int | None = None  # thread ident of the one reading
+        self.dead = False  # its end was seen (or the link closed it)
+        self.graceful = False  # the server said bye first
+        self.ended = threading.Event()  # set with ``dead``: ends the watcher's pauses
+
+    def take(self, done: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Become the reader, unless ``done()`` turns true, the connection ends or the deadline passes."""
+        with self.cv:
+            while self.holder is not None and not self.dead and not done():
+                if deadline is None:
+                    self.cv.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cv.wait(remaining)
+            if self.dead or done():
+                return False
+            self.holder = threading.get_ident()
+            return True
+
+    def give(self) -> None:
+        with self.cv:
+            self.holder = None
+            self.cv.notify_all()
+
+    def end(self) -> None:
+        """Mark the connection over and wake its blocked reader (the watcher closes the socket)."""
+        with self.cv:
+            self.dead = True
+            self.cv.notify_all()
+        self.ended.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Pending:
     __slots__ = ("args", "future", "gen", "id", "op", "retry", "thread")
 
-    def __init__(self, rid: int, op: str, args: dict[str, Any], retry: bool) -> None:
+    def __init__(self, link: Link, rid: int, op: str, args: dict[str, Any], retry: bool) -> None:
         self.id = rid
         self.op = op
         self.args = args
         self.retry = retry
         self.thread = threading.get_ident()
         self.gen = 0  # connection generation it was last sent on (0: never)
-        self.future: Future[Any] = Future()
+        self.future: Future[Any] = _Reply(link)
 
     def frame(self) -> bytes:
         # ``th``: the calling thread, so the server can tell one client thread's requests from another's.
@@ -65,6 +137,10 @@ class _Sub:
 
 
 _REJOIN_EVERY = 0.5
+#: How long a connection's watcher leaves the reading to callers after it found
+#: them reading: what arrives for nobody meanwhile (a push, an answer nobody
+#: waits for yet, the connection's end) is read by the next caller or after it.
+_WATCH_PAUSE = 0.02
 
 
 class _NoServer(Exception):
@@ -83,6 +159,7 @@ class Link:
         self._lock = threading.Lock()  # pending, subs, owners
         self._send_lock = threading.RLock()  # the socket, its generation, (re)connecting
         self._sock: socket.socket | None = None
+        self._wire: _Wire | None = None  # the current connection's reading side
         self._gen = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -111,7 +188,7 @@ class Link:
         with self._lock:
             if self._closed:
                 raise StoreError(self.location, "the store is closed")
-            p = _Pending(next(self._ids), op, wire, protocol.retryable(op, args))
+            p = _Pending(self, next(self._ids), op, wire, protocol.retryable(op, args))
             self._pending[p.id] = p
             if op in protocol.HOLDING_OPS and args.get("owner") not in self._owners:
                 self._owners[str(args["owner"])] = None
@@ -178,11 +255,11 @@ class Link:
             try:
                 sock.sendall(b"".join(frames))
             except OSError:
-                pass  # lost again: the new reader notices and reconnects
+                pass  # lost again: the watcher notices and reconnects
+            wire = _Wire(sock, rfile)
             self._sock = sock
-            threading.Thread(
-                target=self._read_loop, args=(sock, rfile), name="nbrunbook-client-read", daemon=True
-            ).start()
+            self._wire = wire
+            threading.Thread(target=self._watch, args=(wire,), name="nbrunbook-client-read", daemon=True).start()
 
     def _sub_frame(self, s: _Sub) -> bytes:
         with self._lock:
@@ -191,7 +268,7 @@ class Link:
         args = {"sub": s.id, "instance_id": s.instance_id, "since_seq": s.last_seq}
         return protocol.dumps({"t": "req", "id": rid, "op": "subscribe", "args": args})
 
-    def _open(self, start: bool) -> tuple[socket.socket, protocol.Readable, dict[str, Any]]:
+    def _open(self, start: bool) -> tuple[socket.socket, protocol.SocketReader, dict[str, Any]]:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         last: BaseException | None = None
         while time.monotonic() < deadline:
@@ -232,24 +309,92 @@ class Link:
 
     # ----------------------------------------------------------- reading
 
-    def _read_loop(self, sock: socket.socket, rfile: protocol.Readable) -> None:
-        graceful = False
-        while True:
-            try:
-                msg = protocol.read_frame(rfile)
-            except (OSError, EOFError, ValueError, RunbookError):
-                msg = None
-            if msg is None:
+    def _await(self, fut: Future[Any], timeout: float | None) -> float | None:
+        """Read the socket in this thread until ``fut`` is answered; return the time left of ``timeout``.
+
+        Returns early (the future then waits on its own) when not connected: a
+        reconnect sends the request again and its watcher reads the answer.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not fut.done():
+            if deadline is not None and time.monotonic() >= deadline:
                 break
-            kind = msg.get("t")
-            if kind == "res":
-                self._resolve(msg)
-            elif kind == "push":
-                self._deliveries.put(msg)
-            elif kind == "bye":
-                graceful = True
-        rfile.close()
-        self._lost(sock, graceful)
+            wire = self._wire
+            if wire is None:
+                break
+            if wire.holder == threading.get_ident():
+                # Already the reader: a done-callback of an answer this thread is dispatching waits.
+                self._pump(wire, deadline)
+                continue
+            if not wire.take(fut.done, deadline):
+                continue  # answered, timed out, or that connection ended: the loop looks again
+            try:
+                self._pump(wire, deadline)
+            finally:
+                wire.give()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _pump(self, wire: _Wire, deadline: float | None = None) -> None:
+        """As the reader: one ``recv``, then every complete frame dispatched; handles the end.
+
+        With a deadline, nothing is read unless data arrives before it.
+        """
+        if deadline is not None and not wire.poller.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
+            return
+        try:
+            more = wire.reader.fill()
+            while more:
+                msg = wire.reader.frame()
+                if msg is None:
+                    break
+                self._dispatch(wire, msg)
+        except (OSError, EOFError, ValueError, RunbookError):
+            more = False
+        if not more:
+            self._lost(wire)
+
+    def _dispatch(self, wire: _Wire, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "res":
+            self._resolve(msg)
+        elif kind == "push":
+            self._deliveries.put(msg)
+        elif kind == "bye":
+            wire.graceful = True
+
+    def _watch(self, wire: _Wire) -> None:
+        """Read what arrives while no caller is reading; close the socket when it is over.
+
+        It owns the descriptor's closing: other threads only shut the socket
+        down, so it never polls a number that meanwhile names another file.
+        """
+        poller = select.poll()
+        poller.register(wire.sock.fileno(), select.POLLIN | select.POLLPRI)
+        try:
+            while not wire.dead:
+                poller.poll()
+                read = False
+                with wire.cv:
+                    if wire.holder is None and not wire.dead:
+                        wire.holder = threading.get_ident()
+                        read = True
+                if read:
+                    try:
+                        # A caller may have read it meanwhile: read only if it would not block.
+                        read = bool(poller.poll(0)) and not wire.dead
+                        if read:
+                            self._pump(wire)
+                    finally:
+                        wire.give()
+                if not read:
+                    # Callers are reading what arrives (answers they wait for): step aside a
+                    # moment rather than wake with each of their answers.
+                    wire.ended.wait(_WATCH_PAUSE)
+        finally:
+            try:
+                wire.sock.close()
+            except OSError:
+                pass
 
     def _resolve(self, msg: dict[str, Any]) -> None:
         with self._lock:
@@ -264,14 +409,14 @@ class Link:
         except Exception as exc:  # noqa: BLE001 - a malformed answer reaches the caller
             p.future.set_exception(ProtocolError(self.location, f"malformed answer to {p.op}: {exc}"))
 
-    def _lost(self, sock: socket.socket, graceful: bool) -> None:
+    def _lost(self, wire: _Wire) -> None:
+        """The reader saw the connection end: reconnect if anybody needs it (see the module doc)."""
+        graceful = wire.graceful
         with self._send_lock:
-            if self._sock is sock:
+            if self._sock is wire.sock:
                 self._sock = None
-        try:
-            sock.close()
-        except OSError:
-            pass
+                self._wire = None
+        wire.end()
         with self._lock:
             closed = self._closed
             waiting = bool(self._pending)
@@ -375,13 +520,9 @@ class Link:
         with self._lock:
             self._closed = True
         with self._send_lock:
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            wire, self._wire, self._sock = self._wire, None, None
+        if wire is not None:
+            wire.end()  # its watcher closes the socket
         self._fail_all(StoreError(self.location, "the store is closed"))
         self._deliveries.put(None)
 
@@ -389,7 +530,7 @@ class Link:
         """In a forked child: drop the parent's connection without touching it."""
         self._closed = True
         atexit.unregister(self.close)
-        sock, self._sock = self._sock, None
+        sock, self._sock, self._wire = self._sock, None, None
         if sock is not None:
             # Close only this process's copy of the descriptor (never shutdown():
             # the parent's connection is the same socket).

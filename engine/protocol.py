@@ -262,6 +262,76 @@ def read_frame(stream: Readable) -> dict[str, Any] | None:
     return msg
 
 
+class SocketReader:
+    """Frames read straight from a socket, with the bytes buffered so far in view.
+
+    A :class:`Readable` (``read`` returns exactly ``size`` bytes unless the
+    peer hung up), plus the two halves the client's shared connection needs:
+    :meth:`fill` (one ``recv``) and :meth:`frame` (the next complete frame
+    already buffered, never blocking). A ``makefile`` buffer hides what it
+    holds, so a thread could not tell whether reading more would block.
+    """
+
+    _CHUNK = 65536
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._pos = 0
+
+    def read(self, size: int, /) -> bytes:
+        while len(self._buf) - self._pos < size:
+            if not self.fill():
+                break
+        start = self._pos
+        self._pos = min(len(self._buf), start + size)
+        data = bytes(self._buf[start : self._pos])
+        self._compact()
+        return data
+
+    def fill(self) -> bool:
+        """One ``recv`` into the buffer (blocks until data or end); False at end of stream."""
+        data = self.sock.recv(self._CHUNK)
+        if not data:
+            return False
+        self._buf += data
+        return True
+
+    def frame(self) -> dict[str, Any] | None:
+        """The next message if all of it is buffered, else ``None`` (nothing consumed)."""
+        pos = self._pos
+        if len(self._buf) - pos < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self._buf, pos)
+        if size > MAX_FRAME:
+            raise ProtocolError("", f"frame of {size} bytes announced; not an nbrunbook store server peer")
+        end = pos + _HEADER.size + size
+        if len(self._buf) < end:
+            return None
+        msg = json.loads(self._buf[pos + _HEADER.size : end])
+        self._pos = end
+        self._compact()
+        if not isinstance(msg, dict):
+            raise ProtocolError("", "malformed frame")
+        return msg
+
+    @property
+    def partial(self) -> bool:
+        """True while bytes of an incomplete frame are buffered."""
+        return len(self._buf) > self._pos
+
+    def _compact(self) -> None:
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > self._CHUNK:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def close(self) -> None:
+        """Nothing to release: the socket's owner closes it."""
+
+
 def hello(**fields: Any) -> dict[str, Any]:
     """The first message each side sends."""
     from nbrunbook import __version__

@@ -344,7 +344,11 @@ class StoreServer:
                 msg = protocol.read_frame(conn.rfile)
                 if msg is None:
                     break
-                job = self._handle(conn, msg)
+                try:
+                    job = self._handle(conn, msg)
+                except Exception as exc:  # noqa: BLE001 - a bug answers this request; the connection lives on
+                    self._reply_error(conn, msg.get("id"), exc)
+                    continue
                 if job is None:
                     continue
                 try:
@@ -407,6 +411,8 @@ class StoreServer:
             if unsub is not None:
                 unsub()
             conn.send({"t": "res", "id": rid, "ok": None})
+        elif op == "claim" and self._answer_settled(conn, rid, args):
+            pass
         elif op in ("status", "ping"):
             conn.send_now({"t": "res", "id": rid, "ok": self.info()})
         elif op == "shutdown":
@@ -418,6 +424,28 @@ class StoreServer:
                 conn.begin()
             return functools.partial(self._run, conn, rid, op, args, counted, caller)
         return None
+
+    def _answer_settled(self, conn: Connection, rid: Any, args: dict[str, Any]) -> bool:
+        """Answer a claim of a step committed as finished here, on the reading thread.
+
+        It writes nothing and does not wait for the writer (see
+        ``EmbeddedStore.settled_claim``): a skipped cell's claim costs no
+        hand-over of the reading role. Anything else goes the usual way.
+        """
+        assert self.store is not None
+        try:
+            claim = self.store.settled_claim(
+                str(args["instance_id"]),
+                str(args["path"]),
+                max_attempts=args.get("max_attempts"),
+                with_values=bool(args.get("with_values")),
+            )
+        except (KeyError, TypeError, ValueError, RunbookError):
+            return False  # malformed or unreadable: the usual path answers with the error
+        if claim is None:
+            return False
+        conn.send_now({"t": "res", "id": rid, "ok": protocol.encode_result("claim", claim)})
+        return True
 
     def _submit_async(self, conn: Connection, rid: Any, op: str, args: dict[str, Any]) -> None:
         # Submitted to the writer from the reader thread, before the next frame

@@ -220,6 +220,74 @@ s.close()
     assert out.stdout.split() == ["interrupted", "running"]
 
 
+def test_one_reading_caller_serves_the_others(tmp_path: Path) -> None:
+    """Whoever waits reads the shared socket: a caller blocked on a long ``wait``
+    hands the answers of other threads and the pushes on; none waits for it."""
+    path = tmp_path / "store.duckdb"
+    store = _open(path)
+    store.open_instance("rb", "i", {}, manifest_version=0, owner=ME, run_id="r")
+    held = store.claim("i", "cell/held", owner=ME, run_id="r")
+    waited: list[object] = []
+    waiter = threading.Thread(target=lambda: waited.append(store.wait("i", "cell/held", timeout=300)))
+    waiter.start()
+    seen: list[int] = []
+    stop = store.subscribe("i", lambda events: seen.extend(e.seq for e in events))
+
+    def claims(n: int) -> None:
+        for k in range(10):
+            assert store.claim("i", f"cell/t{n}-{k}", owner=ME, run_id="r").outcome is ClaimOutcome.CLAIMED
+
+    workers = [threading.Thread(target=claims, args=(n,)) for n in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=300)
+    wait_until(lambda: len(seen) == 2 + 40, what="the pushed events")
+    assert waiter.is_alive() and not waited  # the claims and pushes did not wait for the long wait
+    store.complete("i", held.step_key, owner=ME, epoch=held.state.epoch, run_id="r")
+    waiter.join(timeout=300)
+    assert [getattr(st, "status", None) for st in waited] == ["done"]
+    stop()
+    check_store(store, "i")
+    store.close()
+
+
+def test_an_answer_waited_for_with_a_timeout(tmp_path: Path) -> None:
+    """``result(timeout)`` on a request gives up in time, and the answer still arrives later."""
+    path = tmp_path / "store.duckdb"
+    store = _open(path)
+    store.open_instance("rb", "i", {}, manifest_version=0, owner=ME, run_id="r")
+    held = store.claim("i", "cell/held", owner=ME, run_id="r")
+    fut = store._link.call("wait", {"instance_id": "i", "path": "cell/held", "timeout": 300})  # type: ignore[attr-defined]
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.2)
+    assert not fut.done()
+    store.complete("i", held.step_key, owner=ME, epoch=held.state.epoch, run_id="r")
+    assert fut.result(timeout=300).status == "done"
+    store.close()
+
+
+def test_a_request_the_server_cannot_handle_is_answered(tmp_path: Path) -> None:
+    """A request that breaks the server's handling gets an error back; the connection goes on."""
+    path = tmp_path / "store.duckdb"
+    _open(path).close()  # a server runs (until idle)
+    paths = protocol.server_paths(str(path))
+    sock = protocol.connect_unix(paths.socket, timeout=60)
+    try:
+        rfile, _ = launch.handshake(sock, str(path), paths, [])
+        sock.settimeout(60)
+        answers = {}
+        for rid, args in ((1, [1, 2]), (2, {})):  # claim with a list for arguments, then a ping
+            sock.sendall(protocol.dumps({"t": "req", "id": rid, "op": "claim" if rid == 1 else "ping", "args": args}))
+            msg = protocol.read_frame(rfile)
+            assert msg is not None and msg.get("id") == rid, msg
+            answers[rid] = msg
+        assert answers[1]["err"]["type"] == "StoreError" and "AttributeError" in answers[1]["err"]["message"]
+        assert answers[2]["ok"]["pid"] > 0
+    finally:
+        sock.close()
+
+
 # ------------------------------------------------------------ life cycle
 
 
