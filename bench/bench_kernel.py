@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,11 +146,25 @@ def write_notebook(path: Path, n: int) -> list[tuple[str, str]]:
 HISTORY = {"memory": ["--HistoryManager.hist_file=:memory:"], "disk": []}
 
 
-def guard_overhead(workdir: Path, env: dict[str, str], n: int, repeat: int, history: str) -> dict[str, Any]:
-    nb_path = workdir / "bench.ipynb"
+def setup(
+    workdir: Path, env: dict[str, str], n: int, history: str, name: str
+) -> tuple[Kernel, list[tuple[str, str]], Callable[[int], str]]:
+    """A kernel, the ``n`` cells of notebook ``name``, and the code that attaches round ``r``'s instance."""
+    nb_path = workdir / f"{name}.ipynb"
     cells = write_notebook(nb_path, n)
-    store = workdir / "store.duckdb"
-    k = Kernel(str(workdir), env, HISTORY[history])
+    store = workdir / f"{name}.duckdb"
+
+    def attach(r: int) -> str:
+        return (
+            "from nbrunbook.kernel_ext import attach\n"
+            f"attach(get_ipython(), '{name}-{r}', store={str(store)!r}, notebook={str(nb_path)!r})"
+        )
+
+    return Kernel(str(workdir), env, HISTORY[history]), cells, attach
+
+
+def guard_overhead(workdir: Path, env: dict[str, str], n: int, repeat: int, history: str) -> dict[str, Any]:
+    k, cells, attach_code = setup(workdir, env, n, history, "bench")
     try:
         k.run(DRIVER)
         plain: list[float] = []
@@ -158,10 +173,7 @@ def guard_overhead(workdir: Path, env: dict[str, str], n: int, repeat: int, hist
         floor_run: list[float] = []
         floor_skip: list[float] = []
         for r in range(repeat):
-            attach = (
-                "from nbrunbook.kernel_ext import attach\n"
-                f"attach(get_ipython(), 'bench-{r}', store={str(store)!r}, notebook={str(nb_path)!r})"
-            )
+            attach = attach_code(r)
             run_all = f"_b = _bench_cells({cells!r})"
             phases = ["plain", "guarded"] if r % 2 == 0 else ["guarded", "plain"]
             for phase in phases:
@@ -246,20 +258,14 @@ def run_as_requests(k: Kernel, cells: list[tuple[str, str]]) -> tuple[float, flo
 
 def per_request(workdir: Path, env: dict[str, str], n: int, repeat: int, history: str) -> dict[str, Any]:
     """The guard's overhead with one execute_request per cell: the kernel's own pace between cells."""
-    nb_path = workdir / "bench-requests.ipynb"
-    cells = write_notebook(nb_path, n)
-    store = workdir / "store-requests.duckdb"
-    k = Kernel(str(workdir), env, HISTORY[history])
+    k, cells, attach_code = setup(workdir, env, n, history, "requests")
     try:
         k.run(TIMER)
         plain: list[tuple[float, float]] = []
         guarded: list[tuple[float, float]] = []
         skipped: list[tuple[float, float]] = []
         for r in range(repeat):
-            attach = (
-                "from nbrunbook.kernel_ext import attach\n"
-                f"attach(get_ipython(), 'req-{r}', store={str(store)!r}, notebook={str(nb_path)!r})"
-            )
+            attach = attach_code(r)
             for phase in ["plain", "guarded"] if r % 2 == 0 else ["guarded", "plain"]:
                 if phase == "plain":
                     plain.append(run_as_requests(k, cells))
