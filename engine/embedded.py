@@ -512,11 +512,15 @@ class EmbeddedStore(Store):
             return model.Claim(tr.outcome, tr.row.to_state(instance_id), tr.missing, limit)
 
         result: model.Claim = self._writer.call(op)
-        if with_values and result.outcome is model.ClaimOutcome.DONE and result.state.status == model.DONE:
-            # The done it found committed (with its values) before this answer:
-            # a reader sees them, and the writer thread does no extra work.
-            result = dataclasses.replace(result, values=self.values(instance_id, result.step_key))
-        return result
+        return self._with_values(result) if with_values else result
+
+    def _with_values(self, claim: model.Claim) -> model.Claim:
+        """``claim`` carrying the values of the done step it found (other claims unchanged)."""
+        if claim.outcome is not model.ClaimOutcome.DONE or claim.state.status != model.DONE:
+            return claim
+        # The done it found committed (with its values) before this answer:
+        # a reader sees them, and the writer thread does no extra work.
+        return dataclasses.replace(claim, values=self.values(claim.state.instance_id, claim.step_key))
 
     def settled_claim(
         self, instance_id: str, path: str, *, max_attempts: int | None = None, with_values: bool = False
@@ -537,9 +541,8 @@ class EmbeddedStore(Store):
         if row is None or row.status not in model.FINISHED:
             return None
         limit = max_attempts or int(st.instance.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
-        state = row.to_state(instance_id)
-        values = self.values(instance_id, state.step_key) if with_values and row.status == model.DONE else None
-        return model.Claim(model.ClaimOutcome.DONE, state, [], limit, values)
+        claim = model.Claim(model.ClaimOutcome.DONE, row.to_state(instance_id), [], limit)
+        return self._with_values(claim) if with_values else claim
 
     def claim_many(
         self,

@@ -315,11 +315,6 @@ class SocketReader:
             raise ProtocolError("", "malformed frame")
         return msg
 
-    @property
-    def partial(self) -> bool:
-        """True while bytes of an incomplete frame are buffered."""
-        return len(self._buf) > self._pos
-
     def _compact(self) -> None:
         if self._pos == len(self._buf):
             self._buf.clear()

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from nbrunbook.engine.errors import (
@@ -556,11 +556,9 @@ class Guard:
             return
         session = self.session
         try:
-            if frame.claim is None:  # nothing to record (a skip, a refusal): no outcome to protect
+            # A skip or a refusal has no outcome to protect from an interrupt.
+            with _sigint_deferred() if frame.claim is not None else nullcontext():
                 self._finish(session, frame, result)
-            else:
-                with _sigint_deferred():
-                    self._finish(session, frame, result)
         except Exception as exc:  # noqa: BLE001 - say so; the step stays running and is released later
             self.warn(f"could not record the outcome of {frame.target.label if frame.target else 'the cell'}: {exc}")
 
