@@ -37,6 +37,7 @@ class Connection:
         self.inflight = 0
         self.cv = threading.Condition()
         self._wlock = threading.Lock()
+        self._tail = b""  # under _wlock: bytes of a frame send_soon could not finish
         self.reader = threading.Thread(target=serve, args=(self,), name=f"nbrunbook-conn-{conn_id}", daemon=True)
         self.sender = threading.Thread(target=self._send_loop, name=f"nbrunbook-send-{conn_id}", daemon=True)
 
@@ -52,6 +53,38 @@ class Connection:
         if not self.closed:
             crashpoint("before_reply")  # the request is done (a write: committed), its answer not yet sent
             self._write([protocol.dumps(msg)])
+
+    def send_soon(self, msg: dict[str, Any]) -> None:
+        """Write a message from this thread if the socket takes it at once, else queue it (never blocks).
+
+        The writer thread answers claims with it right after their commit:
+        one thread writes all of a group's answers (a few µs each) instead of
+        waking one thread per claim, which on two cores spread the answers of
+        a group of 8 over ~1.6 ms. A client that does not read cannot stall
+        the writer: what the socket does not take goes, in order, to the
+        sender thread, and nothing else is written directly until it is out.
+        """
+        if self.closed:
+            return
+        crashpoint("before_reply")
+        data = protocol.dumps(msg)
+        if self._wlock.acquire(blocking=False):
+            try:
+                if not self._tail:
+                    try:
+                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        self.closed = True
+                        return
+                    if sent == len(data):
+                        return
+                    self._tail = data[sent:]  # the rest of this frame goes out before anything else
+                    data = b""  # wakes the sender thread, which writes the tail first
+            finally:
+                self._wlock.release()
+        self.out.put(data)
 
     def _send_loop(self) -> None:
         while True:
@@ -76,6 +109,9 @@ class Connection:
     def _write(self, chunks: list[bytes]) -> bool:
         try:
             with self._wlock:
+                if self._tail:  # the unsent rest of a frame begun by send_soon
+                    self.sock.sendall(self._tail)
+                    self._tail = b""
                 self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
         except OSError:
             self.closed = True

@@ -482,6 +482,72 @@ class EmbeddedStore(Store):
         settled = self.settled_claim(instance_id, path, max_attempts=max_attempts, with_values=with_values)
         if settled is not None:
             return settled
+        op = self._claim_op(
+            instance_id,
+            path,
+            owner=owner,
+            run_id=run_id,
+            token=token,
+            lease=lease,
+            retry_safe=retry_safe,
+            rerun_interrupted=rerun_interrupted,
+            requires=requires,
+            max_attempts=max_attempts,
+        )
+        result: model.Claim = self._writer.call(op)
+        return self.with_values(result) if with_values else result
+
+    def submit_claim(
+        self,
+        instance_id: str,
+        path: str,
+        *,
+        owner: str,
+        run_id: str,
+        token: str | None = None,
+        lease: float = DEFAULT_LEASE,
+        retry_safe: bool = False,
+        rerun_interrupted: bool = False,
+        requires: Sequence[str] = (),
+        max_attempts: int | None = None,
+    ) -> Future[model.Claim]:
+        """Queue :meth:`claim` in the writer and return its future at once (no settled check, no values).
+
+        The future resolves in the writer thread right after the group's
+        commit, so a callback on it runs there: the store server answers a
+        claim from that callback without waking a thread per claim. A caller
+        that wants a done step's values adds them with :meth:`with_values`
+        on its own thread (they are a read, never work for the writer).
+        """
+        op = self._claim_op(
+            instance_id,
+            path,
+            owner=owner,
+            run_id=run_id,
+            token=token,
+            lease=lease,
+            retry_safe=retry_safe,
+            rerun_interrupted=rerun_interrupted,
+            requires=requires,
+            max_attempts=max_attempts,
+        )
+        fut: Future[model.Claim] = self._writer.submit(op)
+        return fut
+
+    def _claim_op(
+        self,
+        instance_id: str,
+        path: str,
+        *,
+        owner: str,
+        run_id: str,
+        token: str | None,
+        lease: float,
+        retry_safe: bool,
+        rerun_interrupted: bool,
+        requires: Sequence[str],
+        max_attempts: int | None,
+    ) -> Callable[[Batch], model.Claim]:
         liveness = self._core.liveness
 
         def op(batch: Batch) -> model.Claim:
@@ -511,10 +577,9 @@ class EmbeddedStore(Store):
             assert tr.row is not None and tr.outcome is not None
             return model.Claim(tr.outcome, tr.row.to_state(instance_id), tr.missing, limit)
 
-        result: model.Claim = self._writer.call(op)
-        return self._with_values(result) if with_values else result
+        return op
 
-    def _with_values(self, claim: model.Claim) -> model.Claim:
+    def with_values(self, claim: model.Claim) -> model.Claim:
         """``claim`` carrying the values of the done step it found (other claims unchanged)."""
         if claim.outcome is not model.ClaimOutcome.DONE or claim.state.status != model.DONE:
             return claim
@@ -542,7 +607,7 @@ class EmbeddedStore(Store):
             return None
         limit = max_attempts or int(st.instance.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
         claim = model.Claim(model.ClaimOutcome.DONE, row.to_state(instance_id), [], limit)
-        return self._with_values(claim) if with_values else claim
+        return self.with_values(claim) if with_values else claim
 
     def claim_many(
         self,

@@ -411,8 +411,13 @@ class StoreServer:
             if unsub is not None:
                 unsub()
             conn.send({"t": "res", "id": rid, "ok": None})
-        elif op == "claim" and self._answer_settled(conn, rid, args):
-            pass
+        elif op == "claim":
+            if not self._answer_settled(conn, rid, args):
+                set_caller(caller)
+                try:
+                    self._submit_claim(conn, rid, args)
+                finally:
+                    set_caller(None)
         elif op in ("status", "ping"):
             conn.send_now({"t": "res", "id": rid, "ok": self.info()})
         elif op == "shutdown":
@@ -470,6 +475,54 @@ class StoreServer:
                 conn.end()
 
         fut.add_done_callback(answer)
+
+    def _submit_claim(self, conn: Connection, rid: Any, args: dict[str, Any]) -> None:
+        """Queue a claim in the writer; its answer is written from the writer thread after the commit.
+
+        A claim never blocks in the store (a busy step is an answer, waiting
+        is the separate ``wait``), so it needs no thread of its own: this
+        reading thread goes on reading, and no thread wakes per claim.
+        """
+        assert self.store is not None
+        conn.begin()
+        try:
+            call = protocol.decode_args("claim", args)
+            with_values = bool(call.pop("with_values", False))
+            fut = self.store.submit_claim(**call)
+        except BaseException as exc:  # noqa: BLE001 - answered to the client
+            conn.end()
+            self._reply_error(conn, rid, exc)
+            return
+
+        def answer(f: concurrent.futures.Future[model.Claim]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                self._reply_error(conn, rid, exc)
+                conn.end()
+                return
+            claim = f.result()
+            if with_values and claim.outcome is model.ClaimOutcome.DONE:
+                # Reading the values is a query: off the writer thread.
+                try:
+                    self._pool.submit(self._answer_with_values, conn, rid, claim)
+                except RuntimeError:  # the pool is shut down (stopping): answer here
+                    self._answer_with_values(conn, rid, claim)
+                return
+            try:
+                conn.send_soon({"t": "res", "id": rid, "ok": protocol.encode_result("claim", claim)})
+            finally:
+                conn.end()
+
+        fut.add_done_callback(answer)
+
+    def _answer_with_values(self, conn: Connection, rid: Any, claim: model.Claim) -> None:
+        assert self.store is not None
+        try:
+            conn.send_now({"t": "res", "id": rid, "ok": protocol.encode_result("claim", self.store.with_values(claim))})
+        except BaseException as exc:  # noqa: BLE001 - answered to the client
+            self._reply_error(conn, rid, exc)
+        finally:
+            conn.end()
 
     def _subscribe(self, conn: Connection, rid: Any, args: dict[str, Any]) -> None:
         assert self.store is not None

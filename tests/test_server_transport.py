@@ -432,3 +432,36 @@ def test_cli_foreground_server(tmp_path: Path) -> None:
         proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_send_soon_never_blocks_and_keeps_frames_whole_and_in_order() -> None:
+    """The writer thread answers claims with ``send_soon``: a client that stops reading must not stall it.
+
+    Far more than the socket buffer is sent while the peer reads nothing; every
+    call returns, and once the peer reads, each frame arrives whole and in the
+    order sent (what the socket did not take went through the sender thread).
+    """
+    from nbrunbook.engine.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    conn = Connection(ours, 1, os.getpid(), lambda c: None)
+    conn.sender.start()
+    payload = "x" * 100_000
+    sent = threading.Event()
+
+    def flood() -> None:
+        for i in range(60):  # ~6 MB: far beyond a Unix socket's buffer
+            conn.send_soon({"t": "res", "id": i, "ok": payload})
+        sent.set()
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    assert sent.wait(60), "send_soon blocked on a peer that does not read"
+    rfile = theirs.makefile("rb")
+    got = [protocol.read_frame(rfile) for _ in range(60)]
+    assert [m["id"] for m in got if m] == list(range(60))
+    assert all(m is not None and m["ok"] == payload for m in got)
+    conn.out.put(None)
+    conn.sender.join(10)
+    for f in (rfile, conn.rfile, ours, theirs):
+        f.close()
