@@ -482,7 +482,7 @@ class EmbeddedStore(Store):
         settled = self.settled_claim(instance_id, path, max_attempts=max_attempts, with_values=with_values)
         if settled is not None:
             return settled
-        op = self._claim_op(
+        result = self.submit_claim(
             instance_id,
             path,
             owner=owner,
@@ -493,8 +493,7 @@ class EmbeddedStore(Store):
             rerun_interrupted=rerun_interrupted,
             requires=requires,
             max_attempts=max_attempts,
-        )
-        result: model.Claim = self._writer.call(op)
+        ).result()
         return self.with_values(result) if with_values else result
 
     def submit_claim(
@@ -519,35 +518,6 @@ class EmbeddedStore(Store):
         that wants a done step's values adds them with :meth:`with_values`
         on its own thread (they are a read, never work for the writer).
         """
-        op = self._claim_op(
-            instance_id,
-            path,
-            owner=owner,
-            run_id=run_id,
-            token=token,
-            lease=lease,
-            retry_safe=retry_safe,
-            rerun_interrupted=rerun_interrupted,
-            requires=requires,
-            max_attempts=max_attempts,
-        )
-        fut: Future[model.Claim] = self._writer.submit(op)
-        return fut
-
-    def _claim_op(
-        self,
-        instance_id: str,
-        path: str,
-        *,
-        owner: str,
-        run_id: str,
-        token: str | None,
-        lease: float,
-        retry_safe: bool,
-        rerun_interrupted: bool,
-        requires: Sequence[str],
-        max_attempts: int | None,
-    ) -> Callable[[Batch], model.Claim]:
         liveness = self._core.liveness
 
         def op(batch: Batch) -> model.Claim:
@@ -577,7 +547,8 @@ class EmbeddedStore(Store):
             assert tr.row is not None and tr.outcome is not None
             return model.Claim(tr.outcome, tr.row.to_state(instance_id), tr.missing, limit)
 
-        return op
+        fut: Future[model.Claim] = self._writer.submit(op)
+        return fut
 
     def with_values(self, claim: model.Claim) -> model.Claim:
         """``claim`` carrying the values of the done step it found (other claims unchanged)."""

@@ -398,7 +398,9 @@ class StoreServer:
             # Before the operation runs: if the connection dies meanwhile, the release sees it.
             self._attach(conn, owner)
         caller = hash((conn.id, msg.get("th")))
-        if op in ("complete", "fail") and args.get("wait") is False:
+        if op == "claim" and self._answer_settled(conn, rid, args):
+            pass
+        elif op == "claim" or (op in ("complete", "fail") and args.get("wait") is False):
             set_caller(caller)  # group commit learns this client thread's pace
             try:
                 self._submit_async(conn, rid, op, args)
@@ -411,13 +413,6 @@ class StoreServer:
             if unsub is not None:
                 unsub()
             conn.send({"t": "res", "id": rid, "ok": None})
-        elif op == "claim":
-            if not self._answer_settled(conn, rid, args):
-                set_caller(caller)
-                try:
-                    self._submit_claim(conn, rid, args)
-                finally:
-                    set_caller(None)
         elif op in ("status", "ping"):
             conn.send_now({"t": "res", "id": rid, "ok": self.info()})
         elif op == "shutdown":
@@ -453,65 +448,42 @@ class StoreServer:
         return True
 
     def _submit_async(self, conn: Connection, rid: Any, op: str, args: dict[str, Any]) -> None:
-        # Submitted to the writer from the reader thread, before the next frame
-        # is read: later requests of the same client thread commit after it.
+        """Queue a claim or an outcome in the writer; answer it from the writer thread after the commit.
+
+        Neither blocks in the store (a busy step is an answer; waiting is the
+        separate ``wait``), so neither needs a thread of its own: the reading
+        thread goes on reading (later requests of the same client thread commit
+        after it), and no thread wakes per request.
+        """
         assert self.store is not None
         conn.begin()
         try:
-            fut = getattr(self.store, op)(**protocol.decode_args(op, args))
+            call = protocol.decode_args(op, args)
+            with_values = op == "claim" and bool(call.pop("with_values", False))
+            fut = self.store.submit_claim(**call) if op == "claim" else getattr(self.store, op)(**call)
         except BaseException as exc:  # noqa: BLE001 - answered to the client
             conn.end()
             self._reply_error(conn, rid, exc)
             return
 
         def answer(f: concurrent.futures.Future[Any]) -> None:
+            handed_on = False
             try:
-                exc = f.exception()
-                if exc is not None:
-                    self._reply_error(conn, rid, exc)
+                result = f.result()
+                if with_values and result.outcome is model.ClaimOutcome.DONE:
+                    # Reading the values is a query: off the writer thread.
+                    try:
+                        self._pool.submit(self._answer_with_values, conn, rid, result)
+                    except RuntimeError:  # the pool is shut down (stopping): answer here
+                        self._answer_with_values(conn, rid, result)
+                    handed_on = True
                 else:
-                    conn.send({"t": "res", "id": rid, "ok": protocol.encode_result(op, f.result())})
-            finally:
-                conn.end()
-
-        fut.add_done_callback(answer)
-
-    def _submit_claim(self, conn: Connection, rid: Any, args: dict[str, Any]) -> None:
-        """Queue a claim in the writer; its answer is written from the writer thread after the commit.
-
-        A claim never blocks in the store (a busy step is an answer, waiting
-        is the separate ``wait``), so it needs no thread of its own: this
-        reading thread goes on reading, and no thread wakes per claim.
-        """
-        assert self.store is not None
-        conn.begin()
-        try:
-            call = protocol.decode_args("claim", args)
-            with_values = bool(call.pop("with_values", False))
-            fut = self.store.submit_claim(**call)
-        except BaseException as exc:  # noqa: BLE001 - answered to the client
-            conn.end()
-            self._reply_error(conn, rid, exc)
-            return
-
-        def answer(f: concurrent.futures.Future[model.Claim]) -> None:
-            exc = f.exception()
-            if exc is not None:
+                    conn.send_soon({"t": "res", "id": rid, "ok": protocol.encode_result(op, result)})
+            except BaseException as exc:  # noqa: BLE001 - answered to the client
                 self._reply_error(conn, rid, exc)
-                conn.end()
-                return
-            claim = f.result()
-            if with_values and claim.outcome is model.ClaimOutcome.DONE:
-                # Reading the values is a query: off the writer thread.
-                try:
-                    self._pool.submit(self._answer_with_values, conn, rid, claim)
-                except RuntimeError:  # the pool is shut down (stopping): answer here
-                    self._answer_with_values(conn, rid, claim)
-                return
-            try:
-                conn.send_soon({"t": "res", "id": rid, "ok": protocol.encode_result("claim", claim)})
             finally:
-                conn.end()
+                if not handed_on:
+                    conn.end()
 
         fut.add_done_callback(answer)
 
