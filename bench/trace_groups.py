@@ -51,24 +51,17 @@ def main() -> None:
     def timed_execute(self: writer.Writer, ops: list[Any]) -> None:
         g = {"first": min(o.submitted for o in ops), "last": max(o.submitted for o in ops), "n": len(ops)}
         g["start"] = time.monotonic()
+        groups.append(g)  # timed_commit fills in this group's SQL times
         execute(self, ops)
         g["answered"] = time.monotonic()
-        groups.append(g)
 
     def timed_commit(self: writer.Writer, batch: writer.Batch) -> None:
-        t = time.monotonic()
+        g = groups[-1]
+        g["sql_start"] = time.monotonic()
         commit(self, batch)
-        timing["commit"] = (t, time.monotonic())
+        g["sql_end"] = time.monotonic()
 
-    timing: dict[str, tuple[float, float]] = {}
-
-    def with_commit(self: writer.Writer, ops: list[Any]) -> None:
-        timing.pop("commit", None)
-        timed_execute(self, ops)
-        if "commit" in timing:
-            groups[-1]["sql_start"], groups[-1]["sql_end"] = timing["commit"]
-
-    writer.Writer._execute = with_commit
+    writer.Writer._execute = timed_execute
     writer.Writer._commit = timed_commit
 
     with tempfile.TemporaryDirectory(prefix="nbrb-trace-") as tmp:
@@ -85,7 +78,7 @@ def main() -> None:
         srv.request_stop("trace done")
         thread.join(30)
 
-    g = [x for x in groups if "sql_end" in x][20:-20]
+    g = [x for x in groups if "sql_end" in x and "answered" in x][20:-20]
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values) * 1e3, 3)
