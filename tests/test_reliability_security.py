@@ -47,7 +47,7 @@ REVIEWED: dict[tuple[str, str], str] = {
     ("engine/embedded.py", "_CURSOR_COLS"): "column list, a module constant",
     ("engine/embedded.py", "sql"): "a local built from literals and placeholders only (its += are scanned)",
     ("engine/writer.py", "_CURSOR_COLS"): "column list, a module constant",
-    ("engine/writer.py", "table"): "table name: every _insert_sql call passes a literal (checked below)",
+    ("engine/writer.py", "table"): "table name: every _insert call passes a literal (checked below)",
     ("engine/writer.py", "i"): "the number of a $n placeholder (range over the width)",
     ("engine/writer.py", "c"): "a column name from _CURSOR_NAMES (a module constant)",
     ("engine/writer.py", '", ".join(f"{c} = ?" for c in columns)'): "SET list: columns checked against _UPDATABLE",
@@ -56,8 +56,8 @@ REVIEWED: dict[tuple[str, str], str] = {
         "engine/writer.py",
         '", ".join(f"unnest(${i}) AS {c}" for i, c in enumerate(_CURSOR_NAMES, 1))',
     ): "placeholders named by columns",
-    ("engine/writer.py", '", ".join([one] * rows)'): "a row of placeholders, repeated",
-    ("engine/writer.py", '", ".join(f"unnest(${i})" for i in range(1, width + 1))'): "placeholders",
+    ("engine/writer.py", '", ".join([one] * len(rows))'): "a row of placeholders, repeated",
+    ("engine/writer.py", '", ".join(marks)'): "placeholders ($n or unnest($n)) from a list comprehension",
 }
 #: execute() calls whose SQL argument is not a literal: (file, source of the argument) -> what it is.
 REVIEWED_CALLS: dict[tuple[str, str], str] = {
@@ -136,9 +136,10 @@ def scan(path: Path, rel: str) -> tuple[list[tuple[int, str]], list[tuple[int, s
             if arg is None or isinstance(arg, ast.Constant) or isinstance(arg, (ast.JoinedStr, ast.BinOp)):
                 continue  # literals, and built texts (scanned above)
             source = ast.get_source_segment(src, arg) or ""
-            if isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "_insert_sql":
-                if not (arg.args and isinstance(arg.args[0], ast.Constant)):
-                    calls.append((node.lineno, f"_insert_sql with a table name that is not a literal: {source}"))
+            built = arg.value if isinstance(arg, ast.Starred) else arg  # execute(*_insert(...))
+            if isinstance(built, ast.Call) and getattr(built.func, "id", "") == "_insert":
+                if not (built.args and isinstance(built.args[0], ast.Constant)):
+                    calls.append((node.lineno, f"_insert with a table name that is not a literal: {source}"))
                 continue
             calls.append((node.lineno, source))
     return parts, calls, seen

@@ -57,3 +57,29 @@ def test_gaps_stay_bounded_as_callers_come_and_go() -> None:
         if caller % 2:
             gaps.sync_queued(caller, 1.001)
     assert len(gaps._pending) <= 4096 and len(gaps.average) <= 4096
+
+
+def test_group_inserts_send_shared_columns_once_and_write_every_row(tmp_path: Path) -> None:
+    import duckdb
+
+    from nbrunbook.engine.writer import _insert
+
+    con = duckdb.connect(str(tmp_path / "t.duckdb"), config={"autoinstall_known_extensions": False})
+    con.execute("CREATE TABLE t (a VARCHAR, b BIGINT, c DOUBLE, d VARCHAR, e BLOB)")
+    groups: list[list[tuple[object, ...]]] = [
+        [("x", 1, 1.5, None, b"v")],  # one row: a VALUES statement
+        [("x", k, 2.0, None, b"v") for k in range(3)],
+        [("x", k, 2.0, None if k % 2 else "s", b"v") for k in range(8)],  # shared a, c, e
+        [("same", 7, 0.5, None, b"") for _ in range(5)],  # every column shared: still five rows
+        [("m", 1, float(k % 2) or 1, None, b"w") for k in range(4)],  # 1 and 1.0 differ in type: not shared
+    ]
+    written: list[tuple[object, ...]] = []
+    for rows in groups:
+        sql, params = _insert("t", 5, rows)
+        if len(rows) > 3:
+            assert "unnest($1)" not in sql or rows[0][0] == "same", sql  # column a is one scalar
+        con.execute(sql, params)
+        written.extend(rows)
+    got = con.execute("SELECT a, b, c, d, e FROM t").fetchall()
+    assert sorted(got, key=repr) == sorted(written, key=repr)
+    con.close()
