@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import errors, model
+from . import errors, model, wirejson
 from .errors import ProtocolError, RunbookError, StoreError, StoreUnavailable
 
 #: Bumped on any incompatible change of the messages below (never of the hello).
@@ -229,7 +229,7 @@ def lock_held(paths: ServerPaths) -> bool:
 
 def dumps(msg: dict[str, Any]) -> bytes:
     """One frame: header + compact JSON. Payloads that are not JSON become ``str`` (as in the journal)."""
-    body = json.dumps(msg, separators=(",", ":"), default=str).encode()
+    body = wirejson.encode(msg)
     if len(body) > MAX_FRAME:
         raise StoreError("", f"message of {len(body)} bytes exceeds the store server's limit of {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body
@@ -256,7 +256,7 @@ def read_frame(stream: Readable) -> dict[str, Any] | None:
     body = stream.read(size)
     if len(body) < size:
         raise EOFError("connection closed inside a frame")
-    msg = json.loads(body)
+    msg = wirejson.decode(body)
     if not isinstance(msg, dict):
         raise ProtocolError("", "malformed frame")
     return msg
@@ -308,7 +308,7 @@ class SocketReader:
         end = pos + _HEADER.size + size
         if len(self._buf) < end:
             return None
-        msg = json.loads(self._buf[pos + _HEADER.size : end])
+        msg = wirejson.decode(self._buf[pos + _HEADER.size : end])
         self._pos = end
         self._compact()
         if not isinstance(msg, dict):
