@@ -20,6 +20,7 @@ Prints one JSON object. Medians over ``--repeat`` rounds, alternating order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +192,32 @@ def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, float]:
     srv.close()
     med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
     return med
+
+
+@contextlib.contextmanager
+def server_in_this_process(instance_id: str) -> Iterator[Path]:
+    """A store with ``instance_id`` opened, served by a store server in this process (for the traces).
+
+    The diagnostics wrap the server's methods with timers, so it must run
+    here; client processes find its socket instead of starting their own.
+    """
+    from nbrunbook.engine import server
+    from nbrunbook.engine.embedded import EmbeddedStore
+
+    with tempfile.TemporaryDirectory(prefix="nbrb-trace-") as tmp:
+        path = Path(tmp) / "trace.duckdb"
+        s = EmbeddedStore(str(path))
+        s.open_instance("bench", instance_id, {}, manifest_version=0, owner=OWNER, run_id="r")
+        s.close()
+        srv = server.StoreServer(str(path), log=lambda _m: None)
+        thread = threading.Thread(target=srv.serve, daemon=True)
+        thread.start()
+        time.sleep(1.0)  # listening: the clients find it instead of starting their own
+        try:
+            yield path
+        finally:
+            srv.request_stop("trace done")
+            thread.join(30)
 
 
 def main() -> None:

@@ -25,8 +25,6 @@ import itertools
 import json
 import statistics
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_server  # the client processes are bench_server's
 
-from nbrunbook.engine import server, writer
-from nbrunbook.engine.embedded import EmbeddedStore
+from nbrunbook.engine import writer
 
 
 def main() -> None:
@@ -64,19 +61,9 @@ def main() -> None:
     writer.Writer._execute = timed_execute
     writer.Writer._commit = timed_commit
 
-    with tempfile.TemporaryDirectory(prefix="nbrb-trace-") as tmp:
-        path = Path(tmp) / "trace.duckdb"
-        s = EmbeddedStore(str(path))
-        s.open_instance("bench", "bench", {}, manifest_version=0, owner=bench_server.OWNER, run_id="r")
-        s.close()
-        srv = server.StoreServer(str(path), log=lambda _m: None)
-        thread = threading.Thread(target=srv.serve, daemon=True)
-        thread.start()
-        time.sleep(1.0)  # listening; the clients find it instead of starting their own
+    with bench_server.server_in_this_process("bench") as path:
         groups.clear()
         rate = bench_server.processes_rate("server", path, args.processes, args.claims)
-        srv.request_stop("trace done")
-        thread.join(30)
 
     g = [x for x in groups if "sql_end" in x and "answered" in x][20:-20]
 

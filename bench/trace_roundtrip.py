@@ -31,15 +31,16 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_server  # the in-process server is bench_server's
+
 from nbrunbook.engine import connection, protocol, server, wirejson, writer
-from nbrunbook.engine.embedded import EmbeddedStore
 
 _HEADER = struct.Struct(">I")
 _REQUEST = {"t": "req", "id": 5, "op": "claim", "args": {"instance_id": "rt", "path": "cell/x1", "owner": "o"}}
@@ -153,19 +154,9 @@ def segments(n: int, pause: float) -> dict[str, float]:
     writer.Writer._commit = timed_commit
     connection.Connection.send_soon = timed_send
 
-    with tempfile.TemporaryDirectory(prefix="nbrb-trace-") as tmp:
-        path = Path(tmp) / "trace.duckdb"
-        s = EmbeddedStore(str(path))
-        s.open_instance("bench", "rt", {}, manifest_version=0, owner="o", run_id="r")
-        s.close()
-        srv = server.StoreServer(str(path), log=lambda _m: None)
-        thread = threading.Thread(target=srv.serve, daemon=True)
-        thread.start()
-        time.sleep(1.0)  # listening: the client finds it instead of starting its own
+    with bench_server.server_in_this_process("rt") as path:
         cmd = [sys.executable, __file__, "--client", str(path), "--claims", str(n), "--pause", str(pause)]
         claims = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        srv.request_stop("trace done")
-        thread.join(30)
 
     parts: dict[str, list[float]] = {k: [] for k in ("send_to_read", "read_to_writer", "writer_to_sql", "sql")}
     parts.update({"sql_to_answer": [], "answer_to_client": [], "total": []})

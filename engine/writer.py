@@ -61,16 +61,14 @@ _CURSOR_COLS = (
     "lease_until, claimed_at, finished_at"
 )
 _CURSOR_NAMES = [c.strip() for c in _CURSOR_COLS.split(",")]
-_JOURNAL_WIDTH = 11
-_VALUES_WIDTH = 5
 # Up to this many rows a multi-row VALUES statement is cheaper than unnest().
 _VALUES_MAX_ROWS = 3
 
 
-def _insert(table: str, width: int, rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
-    """The statement and its parameters that insert ``rows`` (each ``width`` values) into ``table``."""
+def _insert(table: str, rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+    """The statement and its parameters that insert ``rows`` (tuples of the table's width) into ``table``."""
     if len(rows) <= _VALUES_MAX_ROWS:
-        one = "(" + ", ".join("?" * width) + ")"
+        one = "(" + ", ".join("?" * len(rows[0])) + ")"
         return f"INSERT INTO {table} VALUES " + ", ".join([one] * len(rows)), [v for row in rows for v in row]
     columns = list(zip(*rows, strict=True))
     shared = [_one_value(col) for col in columns]
@@ -573,7 +571,7 @@ class Writer:
                 single = (old, row, iid)
         con = self.con
         if inserts:
-            con.execute(*_insert("cursor", len(_CURSOR_NAMES), inserts))
+            con.execute(*_insert("cursor", inserts))
         if len(updates) == 1:
             assert single is not None
             old, row, iid = single
@@ -601,11 +599,11 @@ class Writer:
             for iid, e in batch.events
         ]
         if rows:
-            self.con.execute(*_insert("journal", _JOURNAL_WIDTH, rows))
+            self.con.execute(*_insert("journal", rows))
 
     def _write_values(self, batch: Batch) -> None:
         if batch.values:
-            self.con.execute(*_insert("step_values", _VALUES_WIDTH, batch.values))
+            self.con.execute(*_insert("step_values", batch.values))
 
 
 def _refresh(fut: Future[Any]) -> Future[Any]:

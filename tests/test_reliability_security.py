@@ -48,7 +48,7 @@ REVIEWED: dict[tuple[str, str], str] = {
     ("engine/embedded.py", "sql"): "a local built from literals and placeholders only (its += are scanned)",
     ("engine/writer.py", "_CURSOR_COLS"): "column list, a module constant",
     ("engine/writer.py", "table"): "table name: every _insert call passes a literal (checked below)",
-    ("engine/writer.py", "i"): "the number of a $n placeholder (range over the width)",
+    ("engine/writer.py", "i"): "the number of a $n placeholder (enumerate over the columns)",
     ("engine/writer.py", "c"): "a column name from _CURSOR_NAMES (a module constant)",
     ("engine/writer.py", '", ".join(f"{c} = ?" for c in columns)'): "SET list: columns checked against _UPDATABLE",
     ("engine/writer.py", '", ".join(f"{c} = v.{c}" for c in _CURSOR_NAMES[2:])'): "SET list from columns",

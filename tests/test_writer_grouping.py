@@ -75,7 +75,7 @@ def test_group_inserts_send_shared_columns_once_and_write_every_row(tmp_path: Pa
     ]
     written: list[tuple[object, ...]] = []
     for rows in groups:
-        sql, params = _insert("t", 5, rows)
+        sql, params = _insert("t", rows)
         if len(rows) > 3:
             assert "unnest($1)" not in sql or rows[0][0] == "same", sql  # column a is one scalar
         con.execute(sql, params)
