@@ -142,7 +142,7 @@ _ERRORS: dict[str, int] = {}
 # --------------------------------------------------------------- round trip
 
 
-def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, float]:
+def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, Any]:
     """Median ms of one sequential claim: embedded, through the server, their paired difference, a no-op.
 
     Claims alternate one by one between the two stores (embedded, server,
@@ -169,6 +169,7 @@ def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, float]:
         return elapsed
 
     link = srv._link
+    malloc = srv.server_info.get("malloc") or link.call("status", {}).result().get("malloc", "?")
 
     def ping() -> float:
         t = time.perf_counter()
@@ -191,7 +192,7 @@ def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, float]:
     emb.close()
     srv.close()
     med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
-    return med
+    return {**med, "malloc": malloc}
 
 
 @contextlib.contextmanager
@@ -278,6 +279,9 @@ def main() -> None:
             "difference_of_medians": round(rt["server"] - rt["embedded"], 3),
             "noop_request": round(rt["ping"], 3),
         },
+        # The server's C allocator (engine/allocator.py; NBRUNBOOK_SERVER_MALLOC=system for glibc's);
+        # this process, with the embedded store, keeps the one it was started with.
+        "server_malloc": rt["malloc"],
         "rounds": args.repeat,
     }
     print(json.dumps(result, indent=2))

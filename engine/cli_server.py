@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import sys
 from typing import Any
 
+from .errors import StoreUnavailable
 from .factory import default_store_path, split_location
 from .protocol import DEFAULT_IDLE
 from .store import DEFAULT_LEASE
@@ -100,6 +103,8 @@ def _show(info: dict[str, Any], as_json: bool, state: str) -> None:
     print(f"store server {state}: pid {info.get('pid')}, protocol {info.get('protocol')}, since {when}")
     print(f"  store   {info.get('store')}")
     print(f"  socket  {info.get('socket')}")
+    if info.get("malloc"):
+        print(f"  malloc  {info.get('malloc')}")
     clients = info.get("clients")
     if clients is not None:
         print(f"  clients {len(clients)}" + "".join(f"\n    pid {c['pid']}: {', '.join(c['owners'])}" for c in clients))
@@ -109,7 +114,20 @@ def _show(info: dict[str, Any], as_json: bool, state: str) -> None:
 
 
 def _foreground(path: str, args: argparse.Namespace) -> int:
+    idle = args.idle_timeout if args.idle_timeout is not None else 0.0
+    argv = ["--store", path, "--idle-timeout", repr(idle), "--grace", repr(args.grace)]
+    from . import allocator
+
+    try:
+        env = allocator.server_environment(os.environ)
+    except ValueError as exc:
+        raise StoreUnavailable(path, f"cannot start the store server: {exc}") from None
+    if env != dict(os.environ):
+        # The allocator is chosen when a process starts: become a server process that has it
+        # (same pid and terminal; its environment then already asks for it, so this runs once).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "nbrunbook.engine.server", *argv], env)
     from .server import main as server_main
 
-    idle = args.idle_timeout if args.idle_timeout is not None else 0.0
-    return server_main(["--store", path, "--idle-timeout", repr(idle), "--grace", repr(args.grace)])
+    return server_main(argv)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import protocol
+from . import allocator, protocol
 from .errors import ProtocolError, RunbookError, StoreUnavailable
 from .protocol import ServerPaths, ServerRunning
 from .store import DEFAULT_LEASE
@@ -113,6 +113,10 @@ def _spawn(paths: ServerPaths, location: str, deadline: float) -> None:
     grace = _env_float("NBRUNBOOK_SERVER_GRACE", DEFAULT_LEASE)
     if os.path.exists(paths.log) and os.path.getsize(paths.log) > _LOG_LIMIT:
         os.truncate(paths.log, 0)
+    try:
+        env = allocator.server_environment(os.environ)
+    except ValueError as bad:
+        raise StoreUnavailable(location, f"cannot start the store server: {bad}") from None
     r, w = os.pipe()
     try:
         with open(paths.log, "ab") as log:
@@ -139,6 +143,7 @@ def _spawn(paths: ServerPaths, location: str, deadline: float) -> None:
                 pass_fds=(w,),
                 start_new_session=True,  # not killed with the client's terminal or process group
                 cwd="/",
+                env=env,
             )
     finally:
         os.close(w)

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import model, protocol
+from . import allocator, model, protocol
 from .connection import Connection
 from .embedded import EmbeddedStore, LocalLiveness
 from .errors import RunbookError, StoreUnavailable
@@ -83,6 +83,7 @@ class StoreServer:
         self.liveness = ServerLiveness()
         self.store: EmbeddedStore | None = None
         self.started = time.time()
+        self.malloc = allocator.in_use()  # read once: ``info`` also answers every ping
         self._log_fn = log or _stderr_log
         self._conns: dict[int, Connection] = {}
         self._conns_lock = threading.Lock()
@@ -151,6 +152,7 @@ class StoreServer:
             "uptime": time.time() - self.started,
             "idle_timeout": self.idle_timeout,
             "grace": self.grace,
+            "malloc": self.malloc,
             "clients": clients,
             "commits": self.store.writer.groups if self.store is not None else 0,
             "operations": self.store.writer.grouped_ops if self.store is not None else 0,

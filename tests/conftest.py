@@ -104,4 +104,8 @@ def new_instance(store: Store, run_id: str) -> Callable[..., str]:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"nbrunbook store kinds under test: {', '.join(STORE_KINDS)}; pid {os.getpid()}"
+    from nbrunbook.engine.allocator import jemalloc_library
+
+    malloc = jemalloc_library() or "nothing (no jemalloc on this machine: the system malloc)"
+    kinds = ", ".join(STORE_KINDS)
+    return f"nbrunbook store kinds under test: {kinds}; store servers preload {malloc}; pid {os.getpid()}"
