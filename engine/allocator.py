@@ -16,6 +16,7 @@ affected: kernels and runs keep whatever their own process was started with.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 #: The environment variable that chooses the server's allocator.
@@ -41,8 +42,8 @@ def jemalloc_library() -> str | None:
 def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment to start a server process with: ``environ`` plus jemalloc preloaded, if chosen and found."""
     env = dict(environ)
-    if choice(environ) == "system":
-        return env
+    if choice(environ) == "system" or not sys.platform.startswith("linux"):
+        return env  # (LD_PRELOAD is the Linux loader's; elsewhere the server keeps the system allocator)
     lib = jemalloc_library()
     if lib is None:
         return env

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.servers import foreground_cli_server
 from nbrunbook.engine import allocator, launch, protocol
 from nbrunbook.engine.errors import StoreUnavailable
 from nbrunbook.engine.factory import open_store
@@ -70,24 +71,12 @@ def test_bad_allocator_choice_is_one_clear_error_and_starts_nothing(
 def test_foreground_server_becomes_the_process_with_the_allocator(tmp_path: Path) -> None:
     """``nbrunbook server`` re-executes itself once with the allocator: same pid, still in the foreground."""
     path = tmp_path / "store.duckdb"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nbrunbook.engine.cli", "server", "--store", str(path)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        assert " serving " in proc.stderr.readline()
+    with foreground_cli_server(path) as proc:
         info = launch.server_status(str(path))
         assert info is not None and info["pid"] == proc.pid
         assert _mapped_jemalloc(proc.pid) is (JEMALLOC is not None)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_foreground_server_refuses_a_bad_allocator_choice(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers.oracle import check_store
-from helpers.servers import start_server, wait_until
+from helpers.servers import foreground_cli_server, start_server, wait_until
 from nbrunbook.engine import launch, protocol
 from nbrunbook.engine.cli import main as cli_main
 from nbrunbook.engine.errors import ProtocolError, StoreUnavailable
@@ -405,14 +405,8 @@ def test_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_cli_foreground_server(tmp_path: Path) -> None:
     path = tmp_path / "store.duckdb"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nbrunbook.engine.cli", "server", "--store", str(path)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with foreground_cli_server(path) as proc:
         assert proc.stderr is not None
-        assert " serving " in proc.stderr.readline()
         store = _open(path)  # connects to it, starts nothing
         assert store.server_info["pid"] == proc.pid  # type: ignore[attr-defined]
         store.open_instance("rb", "i", {}, manifest_version=0, owner=ME, run_id=new_run_id())
@@ -427,11 +421,6 @@ def test_cli_foreground_server(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         assert "stopped (signal" in proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_send_soon_never_blocks_and_keeps_frames_whole_and_in_order() -> None:

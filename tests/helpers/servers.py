@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,25 @@ def start_server(
     msg = json.loads(line)
     assert "ok" in msg, msg
     return proc, msg["ok"]
+
+
+@contextlib.contextmanager
+def foreground_cli_server(store: Path) -> Iterator[subprocess.Popen[str]]:
+    """``nbrunbook server --store STORE`` as a user types it, once it says it is serving; killed at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbrunbook.engine.cli", "server", "--store", str(store)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert " serving " in proc.stderr.readline()
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
