@@ -169,7 +169,7 @@ def roundtrips(store_dir: Path, n: int, repeat: int) -> dict[str, Any]:
         return elapsed
 
     link = srv._link
-    malloc = srv.server_info.get("malloc") or link.call("status", {}).result().get("malloc", "?")
+    malloc = link.call("status", {}).result().get("malloc", "?")
 
     def ping() -> float:
         t = time.perf_counter()

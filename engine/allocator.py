@@ -2,14 +2,14 @@
 
 DuckDB's planner and executor allocate and free many small C++ objects per
 statement, through the process's ``malloc``. With glibc's allocator that is
-a fifth of a group commit's time here (``perf``: ``_int_malloc``, ``_int_free``,
-``malloc_consolidate``); jemalloc does the same work in less (BENCHMARKS.md,
-series G). An allocator can only be chosen when a process starts, so the
+a quarter of a group commit's time here (``perf``: ``_int_malloc``, ``_int_free``,
+``malloc_consolidate``); with jemalloc the commit takes ~0.8 of the time
+(BENCHMARKS.md, series G). An allocator can only be chosen when a process starts, so the
 server is started with jemalloc preloaded when the machine has it
 (Debian/Ubuntu: ``libjemalloc2``), and with the system allocator otherwise.
 
-``NBRUNBOOK_SERVER_MALLOC=system`` keeps the system allocator; ``jemalloc``
-(the default, ``auto``) uses jemalloc where it is found. Only the server is
+``NBRUNBOOK_SERVER_MALLOC=system`` keeps the system allocator; ``auto`` (the
+default) and ``jemalloc`` use jemalloc where it is found. Only the server is
 affected: kernels and runs keep whatever their own process was started with.
 """
 

@@ -16,7 +16,6 @@ import os
 import sys
 from typing import Any
 
-from .errors import StoreUnavailable
 from .factory import default_store_path, split_location
 from .protocol import DEFAULT_IDLE
 from .store import DEFAULT_LEASE
@@ -116,12 +115,9 @@ def _show(info: dict[str, Any], as_json: bool, state: str) -> None:
 def _foreground(path: str, args: argparse.Namespace) -> int:
     idle = args.idle_timeout if args.idle_timeout is not None else 0.0
     argv = ["--store", path, "--idle-timeout", repr(idle), "--grace", repr(args.grace)]
-    from . import allocator
+    from .launch import server_environment
 
-    try:
-        env = allocator.server_environment(os.environ)
-    except ValueError as exc:
-        raise StoreUnavailable(path, f"cannot start the store server: {exc}") from None
+    env = server_environment(path)
     if env != dict(os.environ):
         # The allocator is chosen when a process starts: become a server process that has it
         # (same pid and terminal; its environment then already asks for it, so this runs once).

@@ -108,15 +108,23 @@ def start_server(paths: ServerPaths, location: str, deadline: float) -> None:
         os.close(fd)  # releases the start lock
 
 
+def server_environment(location: str) -> dict[str, str]:
+    """This process's environment as a server process starts with it (its allocator: engine/allocator.py).
+
+    A bad ``NBRUNBOOK_SERVER_MALLOC`` is one clear error, before anything starts.
+    """
+    try:
+        return allocator.server_environment(os.environ)
+    except ValueError as bad:
+        raise StoreUnavailable(location, f"cannot start the store server: {bad}") from None
+
+
 def _spawn(paths: ServerPaths, location: str, deadline: float) -> None:
     idle = _env_float("NBRUNBOOK_SERVER_IDLE", protocol.DEFAULT_IDLE)
     grace = _env_float("NBRUNBOOK_SERVER_GRACE", DEFAULT_LEASE)
     if os.path.exists(paths.log) and os.path.getsize(paths.log) > _LOG_LIMIT:
         os.truncate(paths.log, 0)
-    try:
-        env = allocator.server_environment(os.environ)
-    except ValueError as bad:
-        raise StoreUnavailable(location, f"cannot start the store server: {bad}") from None
+    env = server_environment(location)
     r, w = os.pipe()
     try:
         with open(paths.log, "ab") as log:
