@@ -15,9 +15,12 @@ Three hooks, all public IPython API present in IPython 8 and 9:
   becomes ``pass``.
 * ``post_run_cell(result)`` records the outcome of a claimed cell from the
   ``ExecutionResult``: ``complete`` with outputs and saved values, or ``fail``
-  with the error (``KeyboardInterrupt`` included). Commits are submitted
-  with ``wait=False`` so they overlap the next cell; a fenced or failed
-  commit is reported at the next cell.
+  with the error. An error after a requested interrupt (SIGINT arrived while
+  the cell ran: see :mod:`.interrupts`) ends the step ``interrupted``, since
+  the cell was cut off at an unknown point; a ``KeyboardInterrupt`` the cell
+  raised itself is an ordinary failure. Commits are submitted with
+  ``wait=False`` so they overlap the next cell; a fenced or failed commit is
+  reported at the next cell.
 
 pre and post are paired by the identity of ``result.info``. A ``pre`` while
 another top-level cell of the same execute request is in progress is a
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from nbrunbook.engine.heartbeat import Lease
 
     from .capture import OutputRecorder
+    from .interrupts import InterruptWatch
     from .session import Session, Target
 
 # token -> what the replaced body of a skipped/refused cell does
@@ -135,6 +139,7 @@ class Frame:
         "replay",
         "target",
         "transformed",
+        "watch",
     )
 
     def __init__(self, info: Any, msg_id: str | None, ignored: bool = False) -> None:
@@ -151,6 +156,7 @@ class Frame:
         self.lease: Lease | None = None
         self.names: list[str] = []
         self.transformed = False
+        self.watch: InterruptWatch | None = None
 
 
 def _pending_call(token: int) -> ast.Module:
@@ -242,7 +248,8 @@ class Guard:
     def detach(self) -> Session | None:
         """Detach the instance: outcomes in flight are committed, the store released."""
         session, self.session = self.session, None
-        self._abandon(session, "the instance was detached while the cell ran")
+        # The cell is cut off from its store: its outcome is unknown, as after a shutdown.
+        self._abandon(session, "the instance was detached while the cell ran", cut_off=True)
         self._next = None
         if session is not None:
             self._report_pending(session, block=True)
@@ -496,6 +503,11 @@ class Guard:
         recorder = OutputRecorder(session.options.output_limit)
         recorder.start(self.shell)
         frame.recorder = recorder
+        from .interrupts import InterruptWatch
+
+        # Last, so nothing above runs with it: from here a SIGINT means the cell was cut off.
+        frame.watch = InterruptWatch()
+        frame.watch.start()
 
     # ------------------------------------------------------------ transformer
 
@@ -555,6 +567,9 @@ class Guard:
         if frame is None or frame.ignored:
             return
         session = self.session
+        if frame.watch is not None:
+            # Before the deferral below swaps handlers: the cell is over, a SIGINT now cuts nothing off.
+            frame.watch.stop()
         try:
             # A skip or a refusal has no outcome to protect from an interrupt.
             with _sigint_deferred() if frame.claim is not None else nullcontext():
@@ -602,16 +617,23 @@ class Guard:
                 error = KeyboardInterrupt("the cell was cancelled")
             else:
                 error = result.error_before_exec or result.error_in_exec
+        # Cut off by a requested interrupt: the outcome is unknown (DESIGN.md §3). One the cell
+        # raised itself (no SIGINT came) is an ordinary failure; one it caught is no error at all.
+        interrupted = error is not None and frame.watch is not None and frame.watch.requested
         if fenced is not None:
             self.warn(f"⚠ {target.label}: {fenced}")
         from .record import record_outcome
 
-        fut = record_outcome(self.shell, session, claim, target, frame.recorder, frame.names, error, result, self.warn)
+        fut = record_outcome(
+            self.shell, session, claim, target, frame.recorder, frame.names, error, result, self.warn, interrupted
+        )
         session.pending.append((fut, target.label))
 
     def _cleanup(self, frame: Frame) -> StepFenced | None:
         """Undo what pre_run_cell set up for a frame: capture, context, heartbeat."""
         fenced = None
+        if frame.watch is not None:
+            frame.watch.stop()
         if frame.recorder is not None:
             frame.recorder.stop()
         if frame.ctx_token is not None:
@@ -628,11 +650,18 @@ class Guard:
             fenced, frame.lease = frame.lease.fenced, None
         return fenced
 
-    def _abandon(self, session: Session | None, why: str) -> None:
-        """Drop frames whose post_run_cell will not come; their claims fail (outcome unknown)."""
+    def _abandon(self, session: Session | None, why: str, *, cut_off: bool = False) -> None:
+        """Drop frames whose post_run_cell will not come.
+
+        Their claims end ``interrupted`` when the cell was cut off (a detach, a
+        requested interrupt): its outcome is unknown. A lost pre/post pairing
+        alone fails the claim (``OutcomeLost``), so the cell runs again.
+        """
         for frame in reversed(self._stack):
+            requested = frame.watch is not None and frame.watch.requested
             self._cleanup(frame)
             if frame.claim is not None and session is not None:
+                interrupted = cut_off or requested
                 try:
                     session.store.fail(
                         session.instance_id,
@@ -640,7 +669,8 @@ class Guard:
                         owner=session.owner,
                         epoch=frame.claim.state.epoch,
                         run_id=session.run_id,
-                        error={"type": "OutcomeLost", "message": why},
+                        error={"type": "KeyboardInterrupt" if requested else "OutcomeLost", "message": why},
+                        interrupted=interrupted,
                     )
                 except RunbookError as exc:  # fenced meanwhile, or the store is gone: say so, go on
                     self.warn(f"could not record that {frame.claim.step_key} was abandoned: {exc}")

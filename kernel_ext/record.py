@@ -55,8 +55,12 @@ def record_outcome(
     error: BaseException | None,
     result: Any,
     warn: Callable[[str], None],
+    interrupted: bool = False,
 ) -> Future[Any]:
     """``fail`` with the error, or ``complete`` with outputs and saved values; returns the commit's future.
+
+    ``interrupted``: the error came from a requested interrupt, so the step
+    ends ``interrupted`` (its outcome unknown), not ``failed``.
 
     Submitted with ``wait=False``: the commit overlaps the next cell and is
     ordered before its claim.
@@ -69,6 +73,7 @@ def record_outcome(
             claim.step_key,
             error={"type": type(error).__name__, "message": str(error)[:2000]},
             wait=False,
+            interrupted=interrupted,
             **common,
         )
     else:
