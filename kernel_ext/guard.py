@@ -56,6 +56,8 @@ from nbrunbook.engine.errors import (
 from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
 
+from .cells import RAISES_EXCEPTION_TAG, SKIP_EXECUTION_TAG
+
 # Only what loading needs is imported here; the modules a running session
 # uses (capture, replay, saved, cells, the step context, the heartbeat) are
 # imported on first use, so `%load_ext nbrunbook` stays cheap.
@@ -129,6 +131,7 @@ class Frame:
         "claim",
         "ctx_token",
         "error",
+        "expects_error",
         "ignored",
         "info",
         "kind",
@@ -150,6 +153,7 @@ class Frame:
         self.claim: Claim | None = None
         self.kind = ""
         self.error: BaseException | None = None
+        self.expects_error = False
         self.replay: Callable[[], Any] | None = None
         self.recorder: OutputRecorder | None = None
         self.ctx_token: Any = None
@@ -330,8 +334,11 @@ class Guard:
         for problem in target.spec.problems:
             if session.notice_once(f"problem:{target.cell_id}:{problem}"):
                 self.warn(f"{target.label}: {problem}")
-        if target.spec.kind != GUARDED or target.path is None:
-            return
+        request_tags = tag_tuple or ()
+        if target.spec.kind != GUARDED or target.path is None or SKIP_EXECUTION_TAG in request_tags:
+            return  # not a step (a `skip-execution` cell is one nbclient never runs)
+        # The request's tags count too: the runner sends them, the pinned manifest may predate them.
+        frame.expects_error = target.spec.raises_exception or RAISES_EXCEPTION_TAG in request_tags
         session.last_cell = target.cell_id
         self._claim(session, frame, target)
 
@@ -611,21 +618,21 @@ class Guard:
             return
         target = frame.target
         assert target is not None
-        error = frame.error
-        if error is None:
-            if result is None:
-                error = KeyboardInterrupt("the cell was cancelled")
-            else:
-                error = result.error_before_exec or result.error_in_exec
+        from .outcome import decide, reply_error
+
+        # The error the execute reply carries, not whether our code path saw one: an error while
+        # the result is displayed makes the reply an error too.
+        error = frame.error if frame.error is not None else reply_error(self.shell, result)
         # Cut off by a requested interrupt: the outcome is unknown (DESIGN.md §3). One the cell
         # raised itself (no SIGINT came) is an ordinary failure; one it caught is no error at all.
-        interrupted = error is not None and frame.watch is not None and frame.watch.requested
+        requested = frame.watch is not None and frame.watch.requested
+        outcome = decide(self.shell, error, interrupted=requested, raises_expected=frame.expects_error)
         if fenced is not None:
             self.warn(f"⚠ {target.label}: {fenced}")
         from .record import record_outcome
 
         fut = record_outcome(
-            self.shell, session, claim, target, frame.recorder, frame.names, error, result, self.warn, interrupted
+            self.shell, session, claim, target, frame.recorder, frame.names, outcome, result, self.warn
         )
         session.pending.append((fut, target.label))
 
