@@ -17,7 +17,7 @@ from helpers.kernels import (  # noqa: F401 - fixtures
     start_code,
     wait_until,
 )
-from helpers.outcomes import flag_path, outcome_notebook, wait_started
+from helpers.outcomes import CELLS, flag_path, outcome_notebook, wait_started
 
 
 def _flags(tmp_path: Path) -> tuple[Path, Path]:
@@ -124,9 +124,11 @@ def test_restart_during_a_cell_leaves_it_interrupted(kernels: Kernels, tmp_path:
     slow.touch()
     k.send(nb.source("sync"), cell_id="sync")
     wait_started(tmp_path, "sync")
-    k.kc.stop_channels()
-    k.km.restart_kernel(now=now)  # what JupyterLab's Restart does (now=False: the shutdown_request path)
-    k.kc = k._client()
+    # JupyterLab's Restart: KernelManager.restart_kernel (now=False: the shutdown_request path).
+    if now:
+        k.kill()
+    else:
+        k.restart()
     slow.unlink()
 
     k.execute(start_code(nb.path, store)).ok()
@@ -223,3 +225,26 @@ def test_headless_rerun_interrupted_option(kernels: Kernels, notebook_copy, tmp_
         ("claimed", 2),
         ("done", 2),
     ]
+
+
+def test_detach_during_a_cell_leaves_it_interrupted(kernels: Kernels, tmp_path: Path) -> None:
+    """A claimed cell cut off from its store (detached while it runs) has an unknown outcome: interrupted."""
+    cells = {
+        "setup": CELLS["setup"],
+        "det": 'effect("det")\nfrom nbrunbook.kernel_ext import detach\ndetach(get_ipython())\nprint("detached")',
+    }
+    nb = outcome_notebook(tmp_path, cells)
+    store = tmp_path / "store.duckdb"
+    k = kernels.start()
+    k.execute(start_code(nb.path, store)).ok()
+    nb.run(k, ["setup"])
+    assert k.execute(nb.source("det"), cell_id="det").ok().stdout == "detached\n"
+    k.execute(start_code(nb.path, store)).ok()
+    refused = k.execute(nb.source("det"), cell_id="det")
+    assert refused.ename == "StepInterrupted", refused.error_text
+    k.shutdown()
+    lines = effects(tmp_path)
+    events = check_instance(store, "T1", lines)
+    assert _steps(events, "det") == [("claimed", 1), ("interrupted", 1)]
+    ev = next(e for e in events if e.event == "interrupted")
+    assert ev.payload["error"]["message"] == "the instance was detached while the cell ran"

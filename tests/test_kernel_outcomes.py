@@ -23,9 +23,10 @@ from helpers.kernels import (  # noqa: F401 - fixtures
     start_code,
 )
 from helpers.outcomes import SETUP
-from helpers.runbooks import write_notebook
+from helpers.runbooks import cli, read_output, write_notebook
 from nbrunbook.engine.factory import open_store
 from nbrunbook.kernel_ext.record import read_record
+from nbrunbook.kernel_ext.replay import STATUS_PREFIX
 
 
 def _notebook(tmp_path: Path, cells: list[tuple[str, str, list[str]]]) -> Notebook:
@@ -263,4 +264,32 @@ def test_skip_execution_cell_is_not_a_step(kernels: Kernels, tmp_path: Path) -> 
     assert k.execute(nb.source("draft"), cell_id="draft", tags=["skip-execution"]).ok().stdout.startswith("a draft")
     k.shutdown()
     events = check_instance(store, "T1", effects(tmp_path))
+    assert not [e for e in events if e.step_key and "draft" in e.step_key]
+
+
+def test_nbrunbook_run_honours_the_tags(tmp_path: Path) -> None:
+    """`nbrunbook run`: raises-exception and skip-execution end as under nbclient (exit 0), first run and resume."""
+    nb = write_notebook(
+        tmp_path / "tags.ipynb",
+        [
+            ("first", "print('first')", []),
+            ("boom", "print('before')\nraise KeyError('expected')", ["raises-exception"]),
+            ("draft", "print('draft')", ["skip-execution"]),
+            ("last", "print('last')", []),
+        ],
+    )
+    store = tmp_path / "store.duckdb"
+    errors = []
+    for _ in range(2):
+        run = cli("run", str(nb), "--store", str(store), "--instance", "T1", "--output", str(tmp_path / "out.ipynb"))
+        assert run.code == 0, run.stderr
+        out = read_output(tmp_path / "out.ipynb")
+        cells = {c.id: c for c in out.cells}
+        text = "".join(o.get("text", "") for o in cells["last"].outputs if o.output_type == "stream")
+        assert [ln for ln in text.splitlines() if not ln.startswith(STATUS_PREFIX)] == ["last"]
+        assert cells["draft"].outputs == []
+        errors.append([(o.ename, o.evalue, o.traceback) for o in cells["boom"].outputs if o.output_type == "error"])
+    assert errors[0] == errors[1] and errors[0][0][:2] == ("KeyError", "'expected'")
+    events = check_instance(store, "T1")
+    assert _steps(events, "boom") == [("claimed", 1), ("done", 1)]
     assert not [e for e in events if e.step_key and "draft" in e.step_key]
