@@ -307,6 +307,10 @@ class Guard:
             if getattr(info, "silent", False) or not getattr(info, "store_history", True):
                 frame.ignored = True
                 return
+            # ipykernel resets this flag only for sync cells: left over from an earlier cell's failed
+            # display, it would turn a top-level `await` cell's reply (and so its outcome) into an error.
+            if getattr(self.shell, "_last_traceback_during_displayhook", False):
+                self.shell._last_traceback_during_displayhook = False
             self._next = frame
             self._decide(session, frame, info, meta)
         except BaseException as exc:  # noqa: BLE001 - fail closed: the body must not run unguarded
