@@ -55,8 +55,14 @@ def _fresh(kernels: Kernels, k: Kernel, nb: Notebook, store: Path, extra: str = 
     return k2
 
 
-# Each fails only while the flag file "broken" exists, so the retry can succeed.
+# Each fails only while the flag file "broken" exists, so the retry can succeed. The last two fail
+# while the result is displayed (ipykernel then leaves a flag set for the next `await` cell).
 DISPLAY_ERRORS = {
+    "image": (
+        'effect("image")\nfrom IPython.display import Image\nImage(filename="picture.png")',
+        "FileNotFoundError",
+        "No such file or directory",
+    ),
     "repr_html": (
         'effect("repr_html")\n'
         "class Report:\n"
@@ -78,11 +84,6 @@ DISPLAY_ERRORS = {
         "complex(3, 0)",
         "ZeroDivisionError",
         "division by zero",
-    ),
-    "image": (
-        'effect("image")\nfrom IPython.display import Image\nImage(filename="picture.png")',
-        "FileNotFoundError",
-        "No such file or directory",
     ),
 }
 
