@@ -152,9 +152,6 @@ def test_a_clean_system_exit_ends_the_run_and_again_on_resume(
     stop = first["stop"]
     assert (stop.status, stop.ename, stop.evalue) == ("error", "SystemExit", evalue)
     assert stop.stdout == "stopping here\n"
-    record = _record(store, "stop")
-    assert "system_exit" in record and record["system_exit"] in (0, None)
-    assert record["error"]["ename"] == "SystemExit"
 
     k = _fresh(kernels, k, nb, store)
     again = nb.run(k)
@@ -166,6 +163,9 @@ def test_a_clean_system_exit_ends_the_run_and_again_on_resume(
     assert replayed.stderr == stop.stderr
     k.shutdown()
 
+    record = _record(store, "stop")  # read once the kernels let go of the store (outcomes commit in the background)
+    assert "system_exit" in record and record["system_exit"] in (0, None)
+    assert record["error"]["ename"] == "SystemExit"
     lines = effects(tmp_path)
     assert [e["cell"] for e in lines] == ["first", "stop"]
     events = check_instance(store, "T1", lines)
@@ -213,9 +213,6 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
     boom = k.execute(nb.source("boom"), cell_id="boom")
     assert (boom.status, boom.ename, boom.evalue) == ("error", "KeyError", "'expected'")
     assert k.execute(nb.source("after"), cell_id="after").ok().stdout == "after ran\n"  # no order violation
-    record = _record(store, "boom")
-    assert record["error"]["ename"] == "KeyError" and "system_exit" not in record
-    assert record["error"]["traceback"] == _errors(boom)[0]["traceback"]
 
     k = _fresh(kernels, k, nb, store)
     again = nb.run(k, stop_on_error=False)  # like nbclient, which carries on past the expected error
@@ -226,6 +223,9 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
     assert again["after"].ok().status_lines
     k.shutdown()
 
+    record = _record(store, "boom")
+    assert record["error"]["ename"] == "KeyError" and "system_exit" not in record
+    assert record["error"]["traceback"] == _errors(boom)[0]["traceback"]
     lines = effects(tmp_path)
     assert [e["cell"] for e in lines] == ["boom", "after"]
     events = check_instance(store, "T1", lines)
