@@ -265,8 +265,10 @@ def test_skip_execution_cell_is_not_a_step(kernels: Kernels, tmp_path: Path) -> 
     k.execute(start_code(nb.path, store)).ok()
     results = nb.run(k, ["setup", "first", "last"])  # what nbclient sends
     assert results["last"].ok().stdout == "last ran\n"
-    # A frontend that runs it anyway: it runs, as no step.
-    assert k.execute(nb.source("draft"), cell_id="draft", tags=["skip-execution"]).ok().stdout.startswith("a draft")
+    # A frontend that runs it anyway (JupyterLab: cellId, no tags; the tag is in the file): it runs, as no step.
+    assert k.execute(nb.source("draft"), cell_id="draft").ok().stdout.startswith("a draft")
+    # An edited draft (not the pinned source) with the tag in the request: still no step.
+    assert k.execute("print('edited draft')", cell_id="draft", tags=["skip-execution"]).ok().stdout == "edited draft\n"
     k.shutdown()
     events = check_instance(store, "T1", effects(tmp_path))
     assert not [e for e in events if e.step_key and "draft" in e.step_key]
