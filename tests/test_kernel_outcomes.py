@@ -196,6 +196,12 @@ def test_a_nonzero_system_exit_is_a_failure(kernels: Kernels, tmp_path: Path, st
     assert failed.payload["error"]["type"] == "SystemExit"
 
 
+CUSTOM_ERROR = (
+    'effect("own")\nclass DeployError(Exception):\n    """A deploy step refused."""\n\n'
+    'raise DeployError("rollback needed")'
+)
+
+
 def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tmp_path: Path) -> None:
     """nbclient's ``raises-exception``: done with its error; a skip raises the same error; later cells run."""
     nb = _notebook(
@@ -203,6 +209,8 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
         [
             ("boom", 'effect("boom")\nprint("before the error")\nraise KeyError("expected")', ["raises-exception"]),
             ("after", 'effect("after")\nprint("after ran")', []),
+            # The user's own exception class: the skip cannot import it, the reply must not differ.
+            ("own", CUSTOM_ERROR, ["raises-exception"]),
         ],
     )
     store = tmp_path / "store.duckdb"
@@ -213,6 +221,8 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
     boom = k.execute(nb.source("boom"), cell_id="boom")
     assert (boom.status, boom.ename, boom.evalue) == ("error", "KeyError", "'expected'")
     assert k.execute(nb.source("after"), cell_id="after").ok().stdout == "after ran\n"  # no order violation
+    own = nb.run(k, ["own"])["own"]  # as the runner sends it (with its tags)
+    assert (own.status, own.ename, own.evalue) == ("error", "DeployError", "rollback needed")
 
     k = _fresh(kernels, k, nb, store)
     again = nb.run(k, stop_on_error=False)  # like nbclient, which carries on past the expected error
@@ -221,13 +231,15 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
     assert replayed.status_lines and replayed.stdout == "before the error\n"
     assert _errors(replayed) == _errors(boom)  # same name, value and traceback as the first run
     assert again["after"].ok().status_lines
+    assert again["own"].status_lines and _errors(again["own"]) == _errors(own)
+    assert (again["own"].ename, again["own"].evalue) == ("DeployError", "rollback needed")
     k.shutdown()
 
     record = _record(store, "boom")
     assert record["error"]["ename"] == "KeyError" and "system_exit" not in record
     assert record["error"]["traceback"] == _errors(boom)[0]["traceback"]
     lines = effects(tmp_path)
-    assert [e["cell"] for e in lines] == ["boom", "after"]
+    assert [e["cell"] for e in lines] == ["boom", "after", "own"]
     events = check_instance(store, "T1", lines)
     assert _steps(events, "boom") == [("claimed", 1), ("done", 1)]
     assert _steps(events, "after") == [("claimed", 1), ("done", 1)]
