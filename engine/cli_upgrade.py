@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from .cli_common import add_store_arg
+from .errors import InstanceNotFound
 from .factory import default_store_path
 from .keys import validate_instance_id
 from .notebook_ids import pinned_cells, read_json, upgrade
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     store = getattr(args, "store", None) or default_store_path(os.path.dirname(path))
     runbook = os.path.splitext(os.path.basename(path))[0]
     pinned = pinned_cells(store, instance=instance, runbook=None if instance else runbook)
+    if instance is not None and pinned is None:
+        # Named but unknown: writing order-derived ids would silently disown its steps.
+        raise InstanceNotFound(instance)
     n = upgrade(args.notebook, pinned)
     if n:
         kept = "; cells keep the ids their instances use" if pinned else ""

@@ -109,7 +109,8 @@ def test_a_cell_inserted_above_done_cells_is_the_only_new_step(tmp_path: Path, v
         assert "matched to the cells the instance pinned" in again.stderr
 
 
-def test_upgrade_writes_the_ids_the_instance_already_uses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", [["-i", "r1"], []], ids=["the-instance", "the-runbook-latest"])
+def test_upgrade_writes_the_ids_the_instance_already_uses(tmp_path: Path, which: list[str]) -> None:
     fx = tmp_path / "effects.jsonl"
     nb, store = tmp_path / "deploy.ipynb", tmp_path / "store.duckdb"
     cells = _cells(fx)
@@ -120,7 +121,10 @@ def test_upgrade_writes_the_ids_the_instance_already_uses(tmp_path: Path) -> Non
     changed = [("banner", "print('release 2')", []), *_edit(cells, "notify", effect_cell("print('notify #ops')\n"))]
     write_notebook(nb, changed, v44=True)
 
-    up = cli("upgrade", str(nb), "--store", str(store), "-i", "r1")
+    before = digest(nb)
+    unknown = cli("upgrade", str(nb), "--store", str(store), "-i", "no-such-run")
+    assert unknown.code == 2 and "no instance 'no-such-run'" in unknown.stderr and digest(nb) == before
+    up = cli("upgrade", str(nb), "--store", str(store), *which)
     assert up.code == 0 and "wrote ids for 5 cells" in up.stdout, up.stderr
     data = json.loads(nb.read_text())
     assert data["nbformat_minor"] == 5
