@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,8 @@ from .keys import CELL_ID_RE
 
 #: (cell id, source hash) of a pinned manifest's code cells, in order.
 Pinned = Sequence[tuple[str, str]]
+#: The shape of an id :func:`derived_id` makes (``x`` suffixes keep it unique).
+DERIVED_ID_RE = re.compile(r"[cm][0-9]+-[0-9a-f]{8}x*")
 
 
 class NotebookError(RunbookError, ValueError):
@@ -98,6 +101,27 @@ def align(sources: Sequence[str], pinned: Pinned) -> list[str | None]:
         if tag in ("equal", "replace"):
             for k in range(min(i2 - i1, j2 - j1)):
                 out[j1 + k] = pinned[i1 + k][0]
+    return out
+
+
+def adopted_ids(ids: Sequence[str], sources: Sequence[str], pinned: Pinned) -> dict[str, str]:
+    """Real ids that stand for derived ids an instance already uses: ``{file id: pinned id}``.
+
+    A 4.4 notebook that ran, then got ids written by a tool other than
+    ``nbrunbook upgrade`` (JupyterLab gives every cell a fresh uuid when it
+    saves one), would otherwise look like a new notebook and run every cell
+    again. A code cell whose id the manifest does not know, aligned (see
+    :func:`align`) to a pinned cell whose id is a derived one no cell has any
+    more, is that cell: its steps keep their ids.
+    """
+    known = {cid for cid, _ in pinned}
+    present = set(ids)
+    if all(i in known for i in ids) or not any(DERIVED_ID_RE.fullmatch(c) and c not in present for c in known):
+        return {}
+    out: dict[str, str] = {}
+    for cid, match in zip(ids, align(sources, pinned), strict=True):
+        if match and cid not in known and match not in present and DERIVED_ID_RE.fullmatch(match):
+            out[cid] = match
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from nbrunbook.engine.errors import DuplicateCellIds
 from nbrunbook.engine.keys import CELL_ID_RE
 from nbrunbook.engine.model import GUARDED, ManifestCell
-from nbrunbook.engine.notebook_ids import assign_ids, invalid_id, missing_ids
+from nbrunbook.engine.notebook_ids import adopted_ids, assign_ids, invalid_id, missing_ids
 
 from .cells import CellSpec, classify, source_hash
 from .errors import NotebookNotFound, NotebookUnsupported
@@ -62,6 +62,8 @@ class Notebook:
     derived_ids: bool = False
     #: The ids that were derived, in cell order (all cells, markdown included).
     derived: tuple[str, ...] = ()
+    #: Ids in the file that stand for the derived ids an instance uses (see ``adopted_ids``).
+    aliases: dict[str, str] = field(default_factory=dict)
     by_id: dict[str, NotebookCell] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -126,10 +128,10 @@ def read_notebook(
         raise NotebookUnsupported(path, f"is not a valid notebook ({problem})")
     code = [c for c in raw_cells if isinstance(c, Mapping) and c.get("cell_type") == "code"]
     derived: list[str] = []
+    order = [(c.cell_id, c.source_hash) for c in sorted(pinned or (), key=lambda c: c.index)]
     if missing_ids(nb):
         # nbformat 4.4: the ids the runner and `nbrunbook upgrade` derive from the same manifest.
-        order = sorted(pinned or (), key=lambda c: c.index)
-        derived = assign_ids(nb, [(c.cell_id, c.source_hash) for c in order] if order else None)
+        derived = assign_ids(nb, order or None)
         code = [c for c in raw_cells if isinstance(c, Mapping) and c.get("cell_type") == "code"]
     ids = [str(c["id"]) for c in code]
     bad = [i for i in ids if not CELL_ID_RE.fullmatch(i)]
@@ -138,15 +140,17 @@ def read_notebook(
     dups = [i for i in ids if ids.count(i) > 1]
     if dups:
         raise DuplicateCellIds(dups)
+    aliases = adopted_ids(ids, [_source(c) for c in code], order) if order and not derived else {}
+    ids = [aliases.get(i, i) for i in ids]  # a step keeps its derived id under the file's new one
     cells = []
     for index, cell in enumerate(code):
         source = _source(cell)
         meta = cell.get("metadata") or {}
         tags = tuple(str(t) for t in (meta.get("tags") or []))
         spec = classify(source, tags, fallback_name=f"cell {index + 1}", transform=transform)
-        cells.append(NotebookCell(str(cell["id"]), index, source, tags, spec, source_hash(source)))
+        cells.append(NotebookCell(ids[index], index, source, tags, spec, source_hash(source)))
     name = runbook or os.path.splitext(os.path.basename(path))[0]
-    return Notebook(path, name, cells, mtime, derived_ids=bool(derived), derived=tuple(derived))
+    return Notebook(path, name, cells, mtime, derived_ids=bool(derived), derived=tuple(derived), aliases=aliases)
 
 
 def find_notebook(explicit: str | None, user_ns: Mapping[str, Any], *, cwd: str | None = None) -> str:

@@ -230,11 +230,19 @@ class Session:
         origin = current_origin(self.shell)
         entry: _Entry | None = None
         if cell_id is not None:
-            entry = self._entries.get(cell_id)
+            entry = self._entries.get(self._step_id(cell_id))
             if entry is None and self.reload_if_changed(notes):
-                entry = self._entries.get(cell_id)
-            if entry is not None and origin.client is not None:
-                self.clients.add(origin.client)  # it sends this notebook's cells
+                entry = self._entries.get(self._step_id(cell_id))
+            if entry is not None:
+                cell_id = entry.cell.cell_id
+                if origin.client is not None:
+                    self.clients.add(origin.client)  # it sends this notebook's cells
+            elif self.notebook is not None and self.notebook.derived_ids:
+                # The file has no ids, so the frontend's are its own (JupyterLab makes up a uuid per
+                # cell of a 4.4 notebook until it is saved): the source says which cell it is.
+                entry = self._by_source(live)
+                if entry is not None:
+                    cell_id = entry.cell.cell_id
         else:
             entry = self._by_source(live)
             if entry is None and self.reload_if_changed(notes):
@@ -284,6 +292,10 @@ class Session:
             )
             return None, notes
         return Target(None, spec, live, "cell", ()), notes
+
+    def _step_id(self, cell_id: str) -> str:
+        """The step id of a cell id the frontend sent (the file's id may stand for a derived one)."""
+        return self.notebook.aliases.get(cell_id, cell_id) if self.notebook is not None else cell_id
 
     def _by_source(self, live: str) -> _Entry | None:
         """The manifest cell with this source hash, preferring the first after the last one run."""
@@ -482,8 +494,10 @@ def _open(
     before: Manifest | None = None
     if existing is not None and existing.manifest_version:
         before = st.manifest(existing.runbook, existing.manifest_version)
-        if nb is not None and nb.derived_ids:
-            # No ids in the file: take the ones this instance runs, so an edit is an edit (not a new cell).
+        known = {c.cell_id for c in before.cells}
+        if nb is not None and (nb.derived_ids or any(c.cell_id not in known for c in nb.cells)):
+            # No ids in the file (or new ones where the instance ran derived ids): take the ones this
+            # instance runs, so an edit is an edit and not a new cell.
             nb = read_notebook(nb.path, runbook=nb.runbook, transform=_transform(shell), pinned=before.cells)
     manifest: Manifest | None = None
     if nb is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,52 @@ def test_reattaching_after_an_edit_says_what_changed(kernels: Kernels, notebook_
     again = k.execute('effect("a")\nx = 41', cell_id="a").ok()
     assert "changed since it ran" in again.stderr and "manifest version" not in again.stderr  # said once
     assert len(effects(tmp_path)) == 1
+
+
+# ------------------------------------------- JupyterLab and 4.4 notebooks: its own ids
+
+
+def _jupyterlab_ids(cells: list[tuple[str, str, list[str]]]) -> list[tuple[str, str, list[str]]]:
+    """The cells with fresh uuids, as JupyterLab gives a 4.4 notebook's cells (and saves them)."""
+    return [(str(uuid.uuid4()), src, tags) for _, src, tags in cells]
+
+
+def test_a_44_notebook_saved_with_new_ids_resumes_the_same_steps(tmp_path: Path) -> None:
+    fx = tmp_path / "effects.jsonl"
+    nb, store = tmp_path / "deploy.ipynb", tmp_path / "store.duckdb"
+    cells = _cells(fx)
+    write_notebook(nb, cells, v44=True)
+    assert _run(nb, store).code == 0
+    before = _steps(store)
+    # Opened and saved in JupyterLab: nbformat 4.5, every cell a new uuid.
+    saved = _jupyterlab_ids(cells)
+    write_notebook(nb, saved)
+    again = _run(nb, store)
+    assert again.code == 0, again.stderr
+    assert _ran(again) == "ran 0, skipped 3 of 4 cells", again.stderr
+    assert len(read_effects(fx)) == 3 and _steps(store) == before
+    # And an edit after that save is still found.
+    write_notebook(nb, _edit(saved, saved[2][0], effect_cell("print('migrate v3')\n")))
+    edited = _run(nb, store)
+    assert edited.code == 2 and "changed since it ran" in edited.stderr, edited.stderr
+    assert len(read_effects(fx)) == 3 and _steps(store) == before
+
+
+def test_jupyterlab_ids_for_an_unsaved_44_notebook_are_matched_by_source(kernels: Kernels, tmp_path: Path) -> None:
+    fx = tmp_path / "effects.jsonl"
+    nb, store = tmp_path / "old.ipynb", tmp_path / "store.duckdb"
+    cells = _cells(fx)
+    write_notebook(nb, cells, v44=True)
+    k = kernels.start()
+    k.execute(start_code(nb, store)).ok()
+    lab = _jupyterlab_ids(cells)  # the ids JupyterLab sends for a 4.4 notebook it has not saved
+    for cid, source, _ in lab:
+        k.execute(source, cell_id=cid).ok()
+    assert len(read_effects(fx)) == 3
+    for cid, source, _ in lab:  # Run All again: skipped, not a second set of steps
+        res = k.execute(source, cell_id=cid).ok()
+        assert "not in the pinned runbook" not in res.stderr, res.stderr
+    assert len(read_effects(fx)) == 3
+    k.execute("%runbook stop").ok()
+    paths = set(_steps(store, "T1"))
+    assert len(paths) == 3 and all(p.startswith("cell/c") for p in paths)  # the derived ids, not JupyterLab's
