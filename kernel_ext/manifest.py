@@ -202,12 +202,15 @@ class ManifestChanges:
     def __bool__(self) -> bool:
         return bool(self.added or self.edited or self.removed or self.moved)
 
-    def describe(self, rerun: Callable[[str], str], done: Callable[[str], bool] = lambda _: True) -> str:
+    def describe(
+        self, rerun: Callable[[str], str], done: Callable[[str], bool] = lambda _: True, on_changed: str = "skip"
+    ) -> str:
         """``added 'x' [id]; edited ...; removed ...`` and what the person may do.
 
         ``rerun(cell_id)`` spells the rerun command (``%runbook rerun ID`` in a
         notebook, ``nbrunbook rerun INSTANCE ID`` headless); ``done(cell_id)``
-        tells which edited cells already ran (only those need a decision).
+        tells which edited cells already ran (only those need a decision);
+        ``on_changed`` is the policy that applies to them (see ``Options``).
         """
         parts: list[str] = []
         if self.added:
@@ -220,13 +223,13 @@ class ManifestChanges:
             parts.append("cells reordered")
         text = "; ".join(parts)
         ran = [c for c in self.edited if done(c.cell_id)]
-        if ran:
-            commands = ", ".join(f"`{rerun(c.cell_id)}`" for c in ran)
-            text += (
-                f". An edited cell that already ran keeps its recorded run (shown, not run again); "
-                f"to run the new code: {commands}"
-            )
-        return text
+        if not ran:
+            return text
+        if on_changed == "rerun":
+            return text + ". An edited cell that already ran runs again (--on-changed rerun)"
+        fate = "stops the run (--on-changed error)" if on_changed == "error" else "keeps its recorded run (shown)"
+        commands = ", ".join(f"`{rerun(c.cell_id)}`" for c in ran)
+        return text + f". An edited cell that already ran {fate}, not run again; to run the new code: {commands}"
 
 
 def manifest_changes(old: Sequence[ManifestCell], new: Sequence[ManifestCell]) -> ManifestChanges:

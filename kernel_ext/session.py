@@ -375,7 +375,7 @@ class Session:
                 return True
             return state is not None and state.status == DONE
 
-        return changes.describe(rerun, done)
+        return changes.describe(rerun, done, self.options.on_changed)
 
     # --------------------------------------------------------------- life
 

@@ -27,6 +27,9 @@ from helpers.kernels import (  # noqa: F401 - fixtures
 from helpers.oracle import check_effects_once, check_store, read_effects
 from helpers.runbooks import Run, cli, digest, effect_cell, write_notebook
 from nbrunbook.engine.factory import open_store
+from nbrunbook.engine.model import ManifestCell
+from nbrunbook.engine.notebook_ids import source_hash
+from nbrunbook.kernel_ext.manifest import manifest_changes
 
 
 def _cells(effects_file: Path) -> list[tuple[str, str, list[str]]]:
@@ -323,3 +326,32 @@ def test_jupyterlab_ids_for_an_unsaved_44_notebook_are_matched_by_source(kernels
     k.execute("%runbook stop").ok()
     paths = set(_steps(store, "T1"))
     assert len(paths) == 3 and all(p.startswith("cell/c") for p in paths)  # the derived ids, not JupyterLab's
+
+
+def _mc(cell_id: str, index: int, source: str, name: str = "") -> ManifestCell:
+    return ManifestCell(cell_id=cell_id, index=index, source_hash=source_hash(source), name=name or cell_id)
+
+
+@pytest.mark.parametrize(
+    "on_changed, tail",
+    [
+        ("skip", "keeps its recorded run (shown), not run again; to run the new code: `nbrunbook rerun R7 b`"),
+        ("error", "stops the run (--on-changed error), not run again; to run the new code: `nbrunbook rerun R7 b`"),
+        ("rerun", "runs again (--on-changed rerun)"),
+    ],
+)
+def test_the_change_text_follows_the_policy_and_names_each_cell(on_changed: str, tail: str) -> None:
+    old = [_mc("a", 0, "x = 1"), _mc("b", 1, "charge()", "charge the card"), _mc("c", 2, "refund()")]
+    new = [_mc("a", 0, "x = 1"), _mc("b", 1, "charge(retry=True)", "charge the card"), _mc("d", 2, "notify()")]
+    changes = manifest_changes(old, new)
+    text = changes.describe(lambda cid: f"nbrunbook rerun R7 {cid}", lambda cid: cid == "b", on_changed)
+    assert text.startswith(
+        "added d (new steps); edited 'charge the card' [b]; removed c (their history stays in the journal). "
+        "An edited cell that already ran "
+    ), text
+    assert text.endswith(tail), text
+    assert not manifest_changes(old, old)
+    swapped = [_mc("b", 0, "charge()", "charge the card"), _mc("a", 1, "x = 1"), _mc("c", 2, "refund()")]
+    assert manifest_changes(old, swapped).describe(str) == "cells reordered"
+    not_done = changes.describe(str, lambda cid: False, on_changed)
+    assert not_done.endswith("(their history stays in the journal)")  # nothing to decide
