@@ -110,13 +110,15 @@ def adopted_ids(ids: Sequence[str], sources: Sequence[str], pinned: Pinned) -> d
     A 4.4 notebook that ran, then got ids written by a tool other than
     ``nbrunbook upgrade`` (JupyterLab gives every cell a fresh uuid when it
     saves one), would otherwise look like a new notebook and run every cell
-    again. A code cell whose id the manifest does not know, aligned (see
-    :func:`align`) to a pinned cell whose id is a derived one no cell has any
-    more, is that cell: its steps keep their ids.
+    again. When none of the file's ids is pinned, a code cell aligned (see
+    :func:`align`) to a pinned cell whose id is a derived one is that cell:
+    its steps keep their ids.
     """
     known = {cid for cid, _ in pinned}
     present = set(ids)
-    if all(i in known for i in ids) or not any(DERIVED_ID_RE.fullmatch(c) and c not in present for c in known):
+    # Only a wholesale change of ids: a notebook that shares any id with the manifest has its own
+    # identity (e.g. written by `nbrunbook upgrade`), and a cell replaced in it is a new cell.
+    if present & known or not any(DERIVED_ID_RE.fullmatch(c) for c in known):
         return {}
     out: dict[str, str] = {}
     for cid, match in zip(ids, align(sources, pinned), strict=True):

@@ -28,7 +28,7 @@ from helpers.oracle import check_effects_once, check_store, read_effects
 from helpers.runbooks import Run, cli, digest, effect_cell, write_notebook
 from nbrunbook.engine.factory import open_store
 from nbrunbook.engine.model import ManifestCell
-from nbrunbook.engine.notebook_ids import source_hash
+from nbrunbook.engine.notebook_ids import adopted_ids, source_hash
 from nbrunbook.kernel_ext.manifest import manifest_changes
 
 
@@ -355,3 +355,13 @@ def test_the_change_text_follows_the_policy_and_names_each_cell(on_changed: str,
     assert manifest_changes(old, swapped).describe(str) == "cells reordered"
     not_done = changes.describe(str, lambda cid: False, on_changed)
     assert not_done.endswith("(their history stays in the journal)")  # nothing to decide
+
+
+def test_only_a_wholesale_change_of_ids_is_adopted() -> None:
+    pinned = [("c0-0a0a0a0a", source_hash("a = 1")), ("c1-0b0b0b0b", source_hash("charge()"))]
+    saved_by_lab = adopted_ids(["7f3e", "91c2"], ["a = 1", "charge(retry=True)"], pinned)
+    assert saved_by_lab == {"7f3e": "c0-0a0a0a0a", "91c2": "c1-0b0b0b0b"}  # the edit keeps its step
+    # A notebook that shares an id with the manifest has its own identity: a replaced cell is new.
+    assert adopted_ids(["c0-0a0a0a0a", "91c2"], ["a = 1", "refund()"], pinned) == {}
+    # Real ids pinned before: nothing was derived, nothing to adopt.
+    assert adopted_ids(["x", "y"], ["a = 1", "charge()"], [("p", source_hash("a = 1")), ("q", "0")]) == {}
