@@ -534,8 +534,12 @@ def _open(
         shell, st, instance, manifest, nb, opts, run_id=run_id, owner=owner, owns_store=owns, created=created
     )
     # Interactive only: headless, an edited done cell stops the run with its own message (--on-changed).
-    moved = before is not None and manifest is not None and manifest.version != before.version
-    if opts.mode == "interactive" and before is not None and manifest is not None and moved:
+    if (
+        opts.mode == "interactive"
+        and before is not None
+        and manifest is not None
+        and manifest.version != before.version
+    ):
         changes = manifest_changes(before.cells, manifest.cells)
         if changes:
             session.startup_notes.append(
