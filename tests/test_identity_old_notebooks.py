@@ -323,6 +323,11 @@ def test_jupyterlab_ids_for_an_unsaved_44_notebook_are_matched_by_source(kernels
         res = k.execute(source, cell_id=cid).ok()
         assert "not in the pinned runbook" not in res.stderr, res.stderr
     assert len(read_effects(fx)) == 3
+    write_notebook(nb, lab)  # now saved: nbformat 4.5 with JupyterLab's ids; the kernel re-reads it
+    for cid, source, _ in lab:
+        res = k.execute(source, cell_id=cid).ok()
+        assert "not in the pinned runbook" not in res.stderr and "manifest version" not in res.stderr, res.stderr
+    assert len(read_effects(fx)) == 3
     k.execute("%runbook stop").ok()
     paths = set(_steps(store, "T1"))
     assert len(paths) == 3 and all(p.startswith("cell/c") for p in paths)  # the derived ids, not JupyterLab's
