@@ -18,7 +18,7 @@ from .cli_common import add_store_arg
 from .errors import DuplicateCellIds, RunbookError
 from .factory import default_store_path
 from .keys import new_instance_id, validate_instance_id
-from .notebook_ids import NotebookError, assign_ids, missing_ids, read_json
+from .notebook_ids import NotebookError, derive_for_run, read_json
 from .params import collect, inject
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class Checked(NamedTuple):
     raw: dict[str, Any]  # the notebook's JSON, with derived ids if it had none
     path: str
     params: dict[str, Any]
-    derived: bool
+    derived: str  # the note on derived ids ("" if the notebook has ids)
     cwd: str
 
 
@@ -159,10 +159,7 @@ def check(args: argparse.Namespace) -> Checked:
     """
     path = os.path.abspath(args.notebook)
     raw = read_json(path)
-    derived = missing_ids(raw) > 0
-    if derived:
-        assign_ids(raw)
-    ids = [str(c.get("id")) for c in raw["cells"]]
+    ids = [str(c["id"]) for c in raw["cells"] if c.get("id") is not None]
     dups = [i for i in ids if ids.count(i) > 1]
     if dups:
         # nbformat.reads would silently "repair" them; a step's identity is its id.
@@ -188,6 +185,8 @@ def check(args: argparse.Namespace) -> Checked:
     args.kernel = kernel
     if args.cwd is not None and not os.path.isdir(args.cwd):
         raise NotebookError(args.cwd, "--cwd is not a directory")
+    # Last, once every input is good: it may read the store for the instance's pinned ids.
+    derived = derive_for_run(raw, args.notebook, args.store or default_store_path(os.path.dirname(path)), args.instance)
     return Checked(raw, path, params, derived, os.path.abspath(args.cwd or os.path.dirname(path)))
 
 
@@ -203,11 +202,11 @@ def validated(checked: Checked) -> Any:
     return inject(nb, checked.params)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
+def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], str]:
     """Validate everything before a kernel starts or the store is touched.
 
     Returns (notebook with injected parameters and ids, notebook path,
-    parameters, whether ids were derived). Raises ``RunbookError`` (exit 2).
+    parameters, the note on derived ids or ""). Raises ``RunbookError`` (exit 2).
     """
     checked = check(args)
     return validated(checked), checked.path, checked.params, checked.derived
@@ -235,11 +234,7 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
 
     path, params, derived = checked.path, checked.params, checked.derived
     if derived:
-        print(
-            f"nbrunbook: {args.notebook} has no cell ids (nbformat 4.4): using ids derived from cell order and "
-            f"source; `nbrunbook upgrade {args.notebook}` writes them into the file",
-            file=sys.stderr,
-        )
+        print(f"nbrunbook: {derived}", file=sys.stderr)
     instance = args.instance or new_instance_id()
     runbook = os.path.splitext(os.path.basename(path))[0]
     store = os.path.abspath(args.store or default_store_path(os.path.dirname(path)))

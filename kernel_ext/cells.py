@@ -28,12 +28,12 @@ assigned; ``name:pickle`` opts that one value in to pickle.
 from __future__ import annotations
 
 import ast
-import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from nbrunbook.engine.model import ALWAYS, GUARDED, INJECTED, PARAMETERS
+from nbrunbook.engine.notebook_ids import source_hash as source_hash  # re-exported: one hash for all
 
 TAG_PREFIX = "runbook:"
 #: nbclient's tags (nbconvert and papermill honour them too).
@@ -94,12 +94,6 @@ class CellSpec:
     def pickle_names(self) -> frozenset[str]:
         """Names whose values may be pickled (and unpickled) for this cell."""
         return frozenset(s.name for s in self.save if s.pickle)
-
-
-def source_hash(source: str) -> str:
-    """A stable hash of a cell's source (newlines normalised, outer whitespace ignored)."""
-    text = source.replace("\r\n", "\n").strip()
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _directive_lines(source: str) -> Iterable[str]:

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from nbrunbook.engine.errors import InstanceNotFound
 from nbrunbook.engine.keys import CELL_ID_RE, new_instance_id, new_run_id, process_owner, validate_instance_id
-from nbrunbook.engine.model import GUARDED, Instance, Manifest, ManifestCell
+from nbrunbook.engine.model import DONE, GUARDED, Instance, Manifest, ManifestCell
 from nbrunbook.engine.store import DEFAULT_LEASE
 
 from .cells import CellSpec, classify, source_hash
+from .clients import Origin, current_origin
 from .defaults import ON_CHANGED, OUTPUT_LIMIT, VALUE_LIMIT, WAIT_TIMEOUT
 from .errors import BadOption, NotebookNotFound
-from .manifest import Notebook, find_notebook, read_notebook
+from .manifest import ManifestChanges, Notebook, find_notebook, manifest_changes, read_notebook
 
 if TYPE_CHECKING:
     from nbrunbook.engine.store import Store
@@ -134,6 +135,10 @@ class Session:
         #: Outcomes committed in the background: (future, cell label), reported at the next cell.
         self.pending: list[tuple[Future[Any], str]] = []
         self.notices: set[str] = set()
+        #: Client sessions (message header ``session``) that send this notebook's cells.
+        self.clients: set[str] = set()
+        #: Notices to show with the next cell (e.g. what changed since the instance last ran).
+        self.startup_notes: list[str] = []
         #: Called before the store is released (e.g. to stop live dashboards).
         self.on_close: list[Callable[[], object]] = []
         self.last_cell: str | None = None
@@ -217,20 +222,33 @@ class Session:
         self, raw: str, cell_id: str | None, tags: tuple[str, ...] | None, transform: Callable[[str], str] | None
     ) -> tuple[Target | None, list[str]]:
         """Which cell this source is, with notices to show; ``None`` if it is no step at all."""
-        notes: list[str] = []
+        notes = self.startup_notes
+        self.startup_notes = []
         live = source_hash(raw)
         if cell_id is not None and not CELL_ID_RE.fullmatch(cell_id):
             cell_id = None  # e.g. a VS Code cell URI: not an nbformat id
+        origin = current_origin(self.shell)
         entry: _Entry | None = None
         if cell_id is not None:
-            entry = self._entries.get(cell_id)
+            entry = self._entries.get(self._step_id(cell_id))
             if entry is None and self.reload_if_changed(notes):
-                entry = self._entries.get(cell_id)
+                entry = self._entries.get(self._step_id(cell_id))
+            if entry is not None:
+                cell_id = entry.cell.cell_id
+                if origin.client is not None:
+                    self.clients.add(origin.client)  # it sends this notebook's cells
+            elif self.notebook is not None and self.notebook.derived_ids:
+                # The file has no ids, so the frontend's are its own (JupyterLab makes up a uuid per
+                # cell of a 4.4 notebook until it is saved): the source says which cell it is.
+                entry = self._by_source(live)
+                if entry is not None:
+                    cell_id = entry.cell.cell_id
         else:
-            candidates = self._by_hash.get(live, [])
-            if candidates:
-                later = [e for e in candidates if e.cell.index > self._last_index]
-                entry = (later or candidates)[0]
+            entry = self._by_source(live)
+            if entry is None and self.reload_if_changed(notes):
+                # A notebook without ids, saved after an edit: aligned again, the edit keeps its cell's id.
+                entry = self._by_source(live)
+            if entry is not None:
                 cell_id = entry.cell.cell_id
                 if entry.spec.kind == GUARDED and self.notice_once("no-cell-ids"):
                     notes.append(
@@ -249,7 +267,18 @@ class Session:
             requires = self.requires(cell_id) if ordered and spec.kind == GUARDED else ()
             return Target(cell_id, spec, live, self.label(cell_id), requires), notes
         spec = classify(raw, tags or (), transform=transform)
+        if self._foreign(origin):
+            # A console (or any other client) on this kernel: its code is no cell of the notebook.
+            if spec.kind == GUARDED and self.notice_once(f"foreign:{origin.client}"):
+                where = os.path.basename(self.notebook.path) if self.notebook else f"runbook {self.instance.runbook!r}"
+                notes.append(
+                    f"code from another client of this kernel (a console?) is not a cell of {where}: "
+                    "it runs unguarded, not as a step (said once per client)"
+                )
+            return None, notes
         if cell_id is not None:
+            if origin.client is not None:
+                self.clients.add(origin.client)
             if spec.kind == GUARDED and self.notice_once(f"unknown:{cell_id}"):
                 notes.append(
                     f"cell {cell_id} is not in the pinned runbook (a new cell? save the notebook to pin it): "
@@ -264,6 +293,32 @@ class Session:
             return None, notes
         return Target(None, spec, live, "cell", ()), notes
 
+    def _step_id(self, cell_id: str) -> str:
+        """The step id of a cell id the frontend sent (the file's id may stand for a derived one)."""
+        return self.notebook.aliases.get(cell_id, cell_id) if self.notebook is not None else cell_id
+
+    def _by_source(self, live: str) -> _Entry | None:
+        """The manifest cell with this source hash, preferring the first after the last one run."""
+        candidates = self._by_hash.get(live, [])
+        later = [e for e in candidates if e.cell.index > self._last_index]
+        found = later or candidates
+        return found[0] if found else None
+
+    def _foreign(self, origin: Origin) -> bool:
+        """True if the request comes from a client that is not this notebook's.
+
+        The notebook's clients: the one that attached the instance, and any
+        that sent a cell of the notebook. A JupyterLab notebook whose page was
+        reloaded has a new client id but says it is a notebook (``deletedCells``),
+        so a new, unsaved cell typed there stays a step.
+        """
+        if origin.client is None or not self.clients or origin.client in self.clients:
+            return False
+        if origin.notebook_frontend:
+            self.clients.add(origin.client)
+            return False
+        return True
+
     def reload_if_changed(self, notes: list[str]) -> bool:
         """Re-read the notebook if its file changed and pin the new manifest; True if it did."""
         nb = self.notebook
@@ -275,14 +330,20 @@ class Session:
             return False
         if mtime == nb.mtime:
             return False
+        previous = self.manifest
         try:
-            fresh = read_notebook(nb.path, runbook=nb.runbook, transform=_transform(self.shell))
-        except Exception as exc:  # noqa: BLE001 - keep the pinned manifest, say why once
+            fresh = read_notebook(
+                nb.path,
+                runbook=nb.runbook,
+                transform=_transform(self.shell),
+                pinned=previous.cells if previous else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - keep the pinned runbook, say why once
             nb.mtime = mtime
             notes.append(f"the notebook changed but cannot be re-read ({exc}); keeping the pinned runbook")
             return False
         manifest = self.store.pin_manifest(fresh.runbook, fresh.manifest_cells(), path=fresh.path)
-        if manifest.version != (self.manifest.version if self.manifest else 0):
+        if manifest.version != (previous.version if previous else 0):
             self.instance, _ = self.store.open_instance(
                 fresh.runbook,
                 self.instance_id,
@@ -291,11 +352,30 @@ class Session:
                 owner=self.owner,
                 run_id=self.run_id,
             )
-            notes.append(f"the notebook changed: pinned runbook manifest version {manifest.version}")
+            changes = manifest_changes(previous.cells if previous else [], manifest.cells)
+            what = f": {self.describe(changes)}" if changes else ""
+            notes.append(f"the notebook changed: pinned runbook manifest version {manifest.version}{what}")
         self.notebook = fresh
         self.manifest = manifest
         self._index()
         return True
+
+    def describe(self, changes: ManifestChanges) -> str:
+        """The changes by cell, with the rerun command for edited cells that already ran."""
+
+        def rerun(cell_id: str) -> str:
+            if self.options.mode == "headless":
+                return f"nbrunbook rerun {self.instance_id} {cell_id}"
+            return f"%runbook rerun {cell_id}"
+
+        def done(cell_id: str) -> bool:
+            try:
+                state = self.store.step(self.instance_id, f"cell/{cell_id}")
+            except Exception:  # noqa: BLE001 - a hint only: name the command anyway
+                return True
+            return state is not None and state.status == DONE
+
+        return changes.describe(rerun, done, self.options.on_changed)
 
     # --------------------------------------------------------------- life
 
@@ -377,6 +457,9 @@ def attach(
         if owns:
             st.close()
         raise
+    origin = current_origin(shell)
+    if origin.client is not None:
+        session.clients.add(origin.client)  # the client that attaches is the notebook's (or the runner)
     guard.attach(session)
     return session
 
@@ -408,6 +491,14 @@ def _open(
     name = nb.runbook if nb is not None else (runbook or (existing.runbook if existing else None))
     if name is None:
         raise NotebookNotFound(["no notebook file and no runbook name to create the instance with"])
+    before: Manifest | None = None
+    if existing is not None and existing.manifest_version:
+        before = st.manifest(existing.runbook, existing.manifest_version)
+        known = {c.cell_id for c in before.cells}
+        if nb is not None and (nb.derived_ids or any(c.cell_id not in known for c in nb.cells)):
+            # No ids in the file (or new ones where the instance ran derived ids): take the ones this
+            # instance runs, so an edit is an edit and not a new cell.
+            nb = read_notebook(nb.path, runbook=nb.runbook, transform=_transform(shell), pinned=before.cells)
     manifest: Manifest | None = None
     if nb is not None:
         manifest = st.pin_manifest(name, nb.manifest_cells(), path=nb.path)
@@ -439,6 +530,20 @@ def _open(
             "pid": os.getpid(),
         },
     )
-    return Session(
+    session = Session(
         shell, st, instance, manifest, nb, opts, run_id=run_id, owner=owner, owns_store=owns, created=created
     )
+    # Interactive only: headless, an edited done cell stops the run with its own message (--on-changed).
+    if (
+        opts.mode == "interactive"
+        and before is not None
+        and manifest is not None
+        and manifest.version != before.version
+    ):
+        changes = manifest_changes(before.cells, manifest.cells)
+        if changes:
+            session.startup_notes.append(
+                f"the notebook changed since instance {iid} last ran (manifest version {before.version} -> "
+                f"{manifest.version}): {session.describe(changes)}"
+            )
+    return session

@@ -370,9 +370,12 @@ def _processes_with(marker: str) -> dict[int, str]:
 
 def test_a_notebook_refused_by_its_schema_leaves_no_kernel_behind(tmp_path: Path) -> None:
     """The kernel starts while nbformat validates the notebook; when validation refuses it, the kernel goes too."""
-    corpus = Path(__file__).parent / "corpus" / "bad-cell-id.ipynb"  # valid JSON, refused by nbformat's schema
-    nb = tmp_path / "bad-cell-id.ipynb"
-    nb.write_bytes(corpus.read_bytes())
+    corpus = Path(__file__).parent / "corpus" / "bad-cell-id.ipynb"
+    data = json.loads(corpus.read_text())
+    # Valid JSON with valid ids (a bad id is refused before the kernel starts), refused by nbformat's schema.
+    data["cells"][0].update(id="cell-1", execution_count="one")
+    nb = tmp_path / "bad-schema.ipynb"
+    nb.write_text(json.dumps(data))
     marker = f"early-{os.getpid()}-{time.monotonic_ns()}"
     temp = tmp_path / "tmp"  # where jupyter_client writes the kernel's connection file
     private = tmp_path / "private-runtime"  # where its IPC sockets go
