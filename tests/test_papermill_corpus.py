@@ -241,6 +241,9 @@ def test_nbrunbook_ends_like_papermill(tmp_path: Path, name: str) -> None:
         ), f"cell {i}'s done step changed on the resume"
     failed = [i for i, label in enumerate(got2.cells) if label == "failed"]
     assert [got2.errors[i] for i in failed] == [expected.errors[i] for i in failed]
+    for i, m in enumerate(meta1):
+        if m.get("status") == "failed":  # retried: the same step, its next attempt
+            assert (meta2[i]["step_key"], meta2[i]["attempt"]) == (m["step_key"], m["attempt"] + 1), meta2[i]
 
     s = open_store(store)
     try:
@@ -283,6 +286,7 @@ def test_a_timeout_in_keyboard_interrupt_notebook(tmp_path: Path) -> None:
 
     second = cli(*args, "-o", str(out2))
     assert second.code == 5, second.stderr
+    assert any("resolve pm-1" in line for line in second.lines), second.stderr
     _, meta2 = nbrunbook_outcome(second, out2)
     assert (meta2[0].get("status"), meta2[0].get("attempt")) == ("interrupted", 1), meta2  # not run again
     s = open_store(store)
