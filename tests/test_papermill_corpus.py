@@ -12,11 +12,14 @@ on the same instance (a resume), and compares:
 - which code cells ran: papermill's ``metadata.papermill.status`` of each cell
   (``completed``, ``failed`` or ``pending``, checked against its
   ``execution_count``) against what ``metadata.nbrunbook.run`` says nbrunbook
-  did (``ran``/``always``, ``failed``, ``skipped`` or nothing: not reached);
+  did (``ran``/``always``/``ended``, ``failed``, ``skipped`` or nothing: not
+  reached); an empty cell is never sent to the kernel by either tool, so for
+  it only "reached" (``empty``) or not counts;
 - the error each executed cell shows (the ``ename`` of its error outputs);
 - on the resume: the same cells are reached, the failing cell is retried and
-  fails again, and no step that was done runs a second time (it is skipped);
-  the journal and cursor pass the store oracles.
+  fails again, and no step that was done runs a second time (no new claim in
+  the journal, and its cell does not say it ran); the journal and cursor pass
+  the store oracles.
 
 Parameters are the ones papermill's own tests pass (``papermill/tests/*.py``),
 given as the same ``-p`` to both tools.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +94,7 @@ class Outcome:
     """What one tool did with one notebook: exit status, and per code cell a label and its errors."""
 
     code: int
-    cells: list[str]  # ran | failed | skipped | not-run | <anything else nbrunbook wrote>
+    cells: list[str]  # ran | failed | skipped | not-run | empty | <anything else nbrunbook wrote>
     errors: list[list[str]]  # enames of each code cell's error outputs
     sources: list[str]  # each code cell's source ("<injected>" for injected parameters)
 
@@ -120,8 +124,12 @@ def papermill_outcome(code: int, out: Path) -> Outcome:
     for cell in _code_cells(nb):
         status = cell.metadata["papermill"]["status"]
         assert status in ("completed", "failed", "pending"), status
-        if cell.source.strip():  # the oracle itself: status and execution_count agree
-            assert (cell.execution_count is not None) == (status != "pending"), (status, cell.execution_count)
+        if not cell.source.strip():
+            assert cell.execution_count is None and not cell.outputs, cell
+            labels.append("not-run" if status == "pending" else "empty")
+            continue
+        # The oracle itself: papermill's status and the execution_count agree.
+        assert (cell.execution_count is not None) == (status != "pending"), (status, cell.execution_count)
         labels.append({"completed": "ran", "failed": "failed", "pending": "not-run"}[status])
     return Outcome(code, labels, [_errors(c) for c in _code_cells(nb)], [_source(c) for c in _code_cells(nb)])
 
@@ -147,13 +155,32 @@ def nbrunbook_outcome(run: Run, out: Path) -> tuple[Outcome, list[dict[str, Any]
         did = m.get("run")
         if did == "refused":
             label = f"refused {m.get('error')}"
+        elif not cell.source.strip() and did in ("ran", "always", "not-run"):
+            assert cell.execution_count is None and not cell.outputs, cell  # reached, but nothing to run
+            label = "empty"
         else:
-            label = {"ran": "ran", "always": "ran", "failed": "failed", "skipped": "skipped", None: "not-run"}.get(
-                did, str(did)
-            )
+            # "ended": the cell ran and ended the run with sys.exit(0) (papermill's rule).
+            label = {
+                "ran": "ran",
+                "always": "ran",
+                "ended": "ran",
+                "failed": "failed",
+                "skipped": "skipped",
+                "not-run": "not-run",
+                None: "not-run",
+            }.get(did, str(did))
         labels.append(label)
         meta.append(m)
     return Outcome(run.code, labels, [_errors(c) for c in _code_cells(nb)], [_source(c) for c in _code_cells(nb)]), meta
+
+
+def _claims(store: Path) -> Counter[str]:
+    """``claimed`` events per step key, after the store oracles passed on the instance's journal."""
+    s = open_store(store)
+    try:
+        return Counter(str(e.step_key) for e in check_store(s, "pm-1") if e.event == "claimed")
+    finally:
+        s.close()
 
 
 # ------------------------------------------------------------------ running both
@@ -221,6 +248,7 @@ def test_nbrunbook_ends_like_papermill(tmp_path: Path, name: str) -> None:
     for label, m in zip(got1.cells, meta1, strict=True):
         if "status" in m:  # a guarded cell's step: failed iff the cell failed
             assert m["status"] == ("failed" if label == "failed" else "done"), m
+    claims1 = _claims(store)
 
     # The resume: the same command again, on the same instance.
     second = cli(*_nbrunbook_args(nb, store, out2, case, cwd))
@@ -230,9 +258,13 @@ def test_nbrunbook_ends_like_papermill(tmp_path: Path, name: str) -> None:
         f"the resume does not end like papermill (exit, cells reached):\n{second.stderr}"
     )
     done_before = [i for i, m in enumerate(meta1) if m.get("status") == "done"]
-    assert [got2.cells[i] for i in done_before] == ["skipped"] * len(done_before), (
-        "a step done by the first run ran again on the resume"
-    )
+    claims2 = _claims(store)
+    keys = [meta1[i]["step_key"] for i in done_before]
+    assert [claims2[k] for k in keys] == [claims1[k] for k in keys], "a done step was claimed again on the resume"
+    # The resume's own notes: a done step is skipped ("ended" again for the sys.exit cell, replayed).
+    assert [meta2[i].get("run") for i in done_before] == [
+        "ended" if meta1[i].get("run") == "ended" else "skipped" for i in done_before
+    ], "a step done by the first run does not say it was skipped on the resume"
     for i in done_before:
         assert (meta2[i]["step_key"], meta2[i]["attempt"], meta2[i]["run_id"]) == (
             meta1[i]["step_key"],
@@ -245,11 +277,6 @@ def test_nbrunbook_ends_like_papermill(tmp_path: Path, name: str) -> None:
         if m.get("status") == "failed":  # retried: the same step, its next attempt
             assert (meta2[i]["step_key"], meta2[i]["attempt"]) == (m["step_key"], m["attempt"] + 1), meta2[i]
 
-    s = open_store(store)
-    try:
-        check_store(s, "pm-1")
-    finally:
-        s.close()
     assert digest(nb) == before  # neither tool touches the input notebook
 
 
