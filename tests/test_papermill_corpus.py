@@ -226,6 +226,7 @@ def _setup(tmp_path: Path, name: str, case: Case) -> tuple[Path, Path | None]:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_nbrunbook_ends_like_papermill(tmp_path: Path, name: str) -> None:
+    """papermill, then nbrunbook's first run and its resume: the same exit code and the same cells reached."""
     case = CASES[name]
     nb, cwd = _setup(tmp_path, name, case)
     before = digest(nb)
