@@ -125,9 +125,10 @@ class Progress:
 
     def finish(self, outcome: Any) -> None:
         self.done += 1
-        if outcome.status in ("ran", "ended"):
+        replayed = bool(outcome.step.get("replayed"))  # an early end seen again on a resume
+        if outcome.status == "ran" or (outcome.status == "ended" and not replayed):
             self.ran += 1
-        elif outcome.status == "skipped":
+        elif outcome.status == "skipped" or replayed:
             self.skipped += 1
         if self.bar is not None:
             self.bar.set_postfix_str(f"ran {self.ran} skipped {self.skipped}")
@@ -135,7 +136,7 @@ class Progress:
         else:
             took = f"{outcome.seconds:.2f}s"
             extra = f" {outcome.ename}" if outcome.ename else ""
-            if outcome.status == "ran" and outcome.ename:
+            if outcome.status in ("ran", "skipped") and outcome.ename:
                 extra += " (expected: raises-exception)"
             elif outcome.step.get("reason"):
                 extra += f" ({outcome.step['reason']})"
@@ -168,6 +169,11 @@ def check(args: argparse.Namespace) -> Checked:
     """
     path = os.path.abspath(args.notebook)
     raw = read_json(path)
+    from .nb_validation import unrunnable
+
+    problem = unrunnable(raw)  # before a kernel starts: nbclient could not run it either
+    if problem is not None:
+        raise NotebookError(path, f"cannot be run: {problem}")
     derived = missing_ids(raw) > 0
     if derived:
         assign_ids(raw)

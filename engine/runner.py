@@ -281,7 +281,7 @@ class RunbookClient(NotebookClient):
             note: dict[str, t.Any] = {"run": outcome.status}
             if outcome.ename:
                 note["error"] = outcome.ename
-            if outcome.status == "ran" and outcome.ename:
+            if outcome.status in ("ran", "skipped") and outcome.ename:
                 note["expected_error"] = True  # raises-exception
             if outcome.step.get("reason"):
                 note["reason"] = outcome.step["reason"]
@@ -349,20 +349,22 @@ class RunbookClient(NotebookClient):
             if self.skip_cells_with_tag in tags:
                 outcome.step = {"reason": self.skip_cells_with_tag}
             return outcome
+        outputs = cell.get("outputs", [])
+        first = outputs[0] if outputs else {}
+        replayed = first.get("output_type") == "stream" and str(first.get("text", "")).startswith(STATUS_PREFIX)
         if reply.get("status") == "error":
             outcome.ename, outcome.evalue = str(reply.get("ename", "Error")), str(reply.get("evalue", ""))
             if outcome.ename in EXIT_FOR_ENAME:
                 outcome.status = "refused"
             elif outcome.ename == "SystemExit" and outcome.evalue.strip() in SUCCESS_EXITS:
                 outcome.status = "ended"  # papermill's rule: the notebook chose to stop here
+                outcome.step = {"replayed": replayed}
             elif "raises-exception" in tags:
-                outcome.status = "ran"  # nbclient's rule: the error is expected
+                # nbclient's rule: the error is expected (a skip shows it again).
+                outcome.status = "skipped" if replayed else "ran"
             else:
                 outcome.status = "failed"
             return outcome
-        outputs = cell.get("outputs", [])
-        first = outputs[0] if outputs else {}
-        replayed = first.get("output_type") == "stream" and str(first.get("text", "")).startswith(STATUS_PREFIX)
         outcome.status = "skipped" if replayed else ("ran" if spec.kind == "guarded" else "always")
         return outcome
 
