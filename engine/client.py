@@ -211,7 +211,9 @@ class ServerStore(Store):
         run_id: str,
         error: Mapping[str, Any],
         wait: bool = True,
+        interrupted: bool = False,
     ) -> model.StepState | Future[model.StepState]:
+        extra = {"interrupted": True} if interrupted else {}  # a plain fail stays readable by older servers
         fut = self._future(
             "fail",
             instance_id=instance_id,
@@ -221,6 +223,7 @@ class ServerStore(Store):
             run_id=run_id,
             error=dict(error),
             wait=wait,
+            **extra,
         )
         if wait:
             result: model.StepState = fut.result()

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .keys import parse_owner, process_owner, split_step_key, validate_instance_id
 from .machine import GONE, LIVE, UNKNOWN
-from .store import DECISIONS, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, TRANSITION_EVENTS, Store
+from .store import DECISIONS, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, INTERRUPT_REQUESTED, TRANSITION_EVENTS, Store
 from .valuecache import ValueCache
 from .writer import _CURSOR_COLS, DEFAULT_LINGER, Batch, Deferred, InstanceState, Writer, dumps
 
@@ -722,7 +722,11 @@ class EmbeddedStore(Store):
         run_id: str,
         error: Mapping[str, Any],
         wait: bool = True,
+        interrupted: bool = False,
     ) -> model.StepState | Future[model.StepState]:
+        if interrupted:
+            payload = {"error": dict(error), "reason": INTERRUPT_REQUESTED}
+            return self._finish(instance_id, step_key, model.INTERRUPTED, owner, epoch, run_id, payload, None, wait)
         return self._finish(
             instance_id, step_key, model.FAILED, owner, epoch, run_id, {"error": dict(error)}, None, wait
         )

@@ -186,7 +186,7 @@ class StepFenced(StepError):
 
 
 class StepInterrupted(StepError):
-    """The step's owner died mid-run; a person must decide what happens next."""
+    """The step was cut off mid-run (its owner died, or an interrupt was requested); a person must decide."""
 
     def __init__(self, instance_id: str, step: str, cell: str | None = None) -> None:
         self.cell = cell or step
@@ -194,8 +194,8 @@ class StepInterrupted(StepError):
         super().__init__(
             instance_id,
             step,
-            f"step {step} was interrupted (its owner died mid-run; the side effect may "
-            f"or may not have happened). Decide with: {self.command}",
+            f"step {step} was interrupted (cut off mid-run: its owner died or the kernel was interrupted; "
+            f"the side effect may or may not have happened). Decide with: {self.command}",
         )
 
 

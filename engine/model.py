@@ -162,7 +162,7 @@ class ClaimOutcome(enum.StrEnum):
     CLAIMED = "claimed"  # the caller holds the step now and must run it
     DONE = "done"  # finished in this invocation: skip and replay
     BUSY = "busy"  # a live owner holds it: wait, then look again
-    INTERRUPTED = "interrupted"  # the owner died mid-run: a person must decide
+    INTERRUPTED = "interrupted"  # cut off mid-run (owner died, interrupt requested): a person must decide
     EXHAUSTED = "exhausted"  # failed as many times as allowed
     ORDER = "order"  # earlier cells are not finished
 

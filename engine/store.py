@@ -56,6 +56,10 @@ TRANSITION_EVENTS = frozenset(
 )
 
 
+#: The reason journaled when a holder reports its cell cut off by a requested interrupt.
+INTERRUPT_REQUESTED = "interrupt requested"
+
+
 class Store(abc.ABC):
     """Claims, outcomes and the journal of runbook instances.
 
@@ -213,8 +217,17 @@ class Store(abc.ABC):
         run_id: str,
         error: Mapping[str, Any],
         wait: bool = True,
+        interrupted: bool = False,
     ) -> StepState | Future[StepState]:
-        """Record failure: running -> failed, with a ``failed`` event. Same rules as :meth:`complete`."""
+        """Record failure: running -> failed, with a ``failed`` event. Same rules as :meth:`complete`.
+
+        With ``interrupted`` the holder says its cell was cut off by an
+        interrupt somebody requested (the frontend's interrupt or restart, a
+        timeout): running -> ``interrupted``, journaled ``interrupted`` with the
+        error and the reason "interrupt requested". Its outcome is unknown,
+        exactly as after a dead owner, so the next claim is refused unless the
+        cell is retry-safe (DESIGN.md §3).
+        """
 
     @abc.abstractmethod
     def rerun(self, instance_id: str, path: str, *, owner: str, run_id: str, reason: str = "") -> StepState:

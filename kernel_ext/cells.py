@@ -8,7 +8,12 @@ A code cell is one of (DESIGN.md §5):
   AST when the cell holds only imports, function/class definitions, constant
   assignments, docstrings and configuration magics (``%load_ext``, ``%runbook``
   ...);
-* ``parameters`` / ``injected-parameters``: the papermill tags; run every time.
+* ``parameters`` / ``injected-parameters``: the papermill tags; run every time;
+* nbclient's ``skip-execution`` tag: never run by nbclient, so no step either
+  (classified ``always``: later cells do not wait for it).
+
+nbclient's ``raises-exception`` tag keeps the cell a step whose error is
+expected (``CellSpec.raises_exception``): it is recorded done with its error.
 
 Options, from tags (``runbook:retry-safe``, ``runbook:unordered``,
 ``runbook:guarded``) or directive lines at the top of the cell, e.g.::
@@ -31,6 +36,9 @@ from dataclasses import dataclass, field
 from nbrunbook.engine.model import ALWAYS, GUARDED, INJECTED, PARAMETERS
 
 TAG_PREFIX = "runbook:"
+#: nbclient's tags (nbconvert and papermill honour them too).
+RAISES_EXCEPTION_TAG = "raises-exception"
+SKIP_EXECUTION_TAG = "skip-execution"
 _DIRECTIVE = re.compile(r"^\s*#\|\s*runbook\s*:(.*)$")
 _FLAGS = {"always", "guarded", "retry-safe", "unordered"}
 #: Line magics that only configure the kernel: a cell of them (plus imports and
@@ -77,6 +85,8 @@ class CellSpec:
     unordered: bool = False
     save: tuple[SaveSpec, ...] = ()
     name: str = ""
+    #: nbclient's ``raises-exception``: an error is the expected outcome.
+    raises_exception: bool = False
     #: Directive problems, reported when the cell runs.
     problems: tuple[str, ...] = field(default=(), compare=False)
 
@@ -272,7 +282,9 @@ def classify(
                 problems.append(f"unknown tag {tag!r}")
     save, save_problems = parse_save(settings.get("save", ""))
     problems.extend(save_problems)
-    if "parameters" in tagset:
+    if SKIP_EXECUTION_TAG in tagset:
+        kind = ALWAYS
+    elif "parameters" in tagset:
         kind = PARAMETERS
     elif INJECTED in tagset:
         kind = INJECTED
@@ -294,5 +306,6 @@ def classify(
         unordered="unordered" in flags,
         save=save,
         name=settings.get("name") or display_name(source, fallback_name),
+        raises_exception=RAISES_EXCEPTION_TAG in tagset,
         problems=tuple(problems),
     )

@@ -15,9 +15,12 @@ Three hooks, all public IPython API present in IPython 8 and 9:
   becomes ``pass``.
 * ``post_run_cell(result)`` records the outcome of a claimed cell from the
   ``ExecutionResult``: ``complete`` with outputs and saved values, or ``fail``
-  with the error (``KeyboardInterrupt`` included). Commits are submitted
-  with ``wait=False`` so they overlap the next cell; a fenced or failed
-  commit is reported at the next cell.
+  with the error. An error after a requested interrupt (SIGINT arrived while
+  the cell ran: see :mod:`.interrupts`) ends the step ``interrupted``, since
+  the cell was cut off at an unknown point; a ``KeyboardInterrupt`` the cell
+  raised itself is an ordinary failure. Commits are submitted with
+  ``wait=False`` so they overlap the next cell; a fenced or failed commit is
+  reported at the next cell.
 
 pre and post are paired by the identity of ``result.info``. A ``pre`` while
 another top-level cell of the same execute request is in progress is a
@@ -53,6 +56,8 @@ from nbrunbook.engine.errors import (
 from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
 
+from .cells import RAISES_EXCEPTION_TAG, SKIP_EXECUTION_TAG
+
 # Only what loading needs is imported here; the modules a running session
 # uses (capture, replay, saved, cells, the step context, the heartbeat) are
 # imported on first use, so `%load_ext nbrunbook` stays cheap.
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
     from nbrunbook.engine.heartbeat import Lease
 
     from .capture import OutputRecorder
+    from .interrupts import InterruptWatch
     from .session import Session, Target
 
 # token -> what the replaced body of a skipped/refused cell does
@@ -125,6 +131,7 @@ class Frame:
         "claim",
         "ctx_token",
         "error",
+        "expects_error",
         "ignored",
         "info",
         "kind",
@@ -135,6 +142,7 @@ class Frame:
         "replay",
         "target",
         "transformed",
+        "watch",
     )
 
     def __init__(self, info: Any, msg_id: str | None, ignored: bool = False) -> None:
@@ -145,12 +153,14 @@ class Frame:
         self.claim: Claim | None = None
         self.kind = ""
         self.error: BaseException | None = None
+        self.expects_error = False
         self.replay: Callable[[], Any] | None = None
         self.recorder: OutputRecorder | None = None
         self.ctx_token: Any = None
         self.lease: Lease | None = None
         self.names: list[str] = []
         self.transformed = False
+        self.watch: InterruptWatch | None = None
 
 
 def _pending_call(token: int) -> ast.Module:
@@ -242,7 +252,8 @@ class Guard:
     def detach(self) -> Session | None:
         """Detach the instance: outcomes in flight are committed, the store released."""
         session, self.session = self.session, None
-        self._abandon(session, "the instance was detached while the cell ran")
+        # The cell is cut off from its store: its outcome is unknown, as after a shutdown.
+        self._abandon(session, "the instance was detached while the cell ran", cut_off=True)
         self._next = None
         if session is not None:
             self._report_pending(session, block=True)
@@ -296,6 +307,10 @@ class Guard:
             if getattr(info, "silent", False) or not getattr(info, "store_history", True):
                 frame.ignored = True
                 return
+            # ipykernel resets this flag only for sync cells: left over from an earlier cell's failed
+            # display, it would turn a top-level `await` cell's reply (and so its outcome) into an error.
+            if getattr(self.shell, "_last_traceback_during_displayhook", False):
+                self.shell._last_traceback_during_displayhook = False
             self._next = frame
             self._decide(session, frame, info, meta)
         except BaseException as exc:  # noqa: BLE001 - fail closed: the body must not run unguarded
@@ -323,8 +338,11 @@ class Guard:
         for problem in target.spec.problems:
             if session.notice_once(f"problem:{target.cell_id}:{problem}"):
                 self.warn(f"{target.label}: {problem}")
-        if target.spec.kind != GUARDED or target.path is None:
-            return
+        request_tags = tag_tuple or ()
+        if target.spec.kind != GUARDED or target.path is None or SKIP_EXECUTION_TAG in request_tags:
+            return  # not a step (a `skip-execution` cell is one nbclient never runs)
+        # The request's tags count too: the runner sends them, the pinned manifest may predate them.
+        frame.expects_error = target.spec.raises_exception or RAISES_EXCEPTION_TAG in request_tags
         session.last_cell = target.cell_id
         self._claim(session, frame, target)
 
@@ -496,6 +514,11 @@ class Guard:
         recorder = OutputRecorder(session.options.output_limit)
         recorder.start(self.shell)
         frame.recorder = recorder
+        from .interrupts import InterruptWatch
+
+        # Last, so nothing above runs with it: from here a SIGINT means the cell was cut off.
+        frame.watch = InterruptWatch()
+        frame.watch.start()
 
     # ------------------------------------------------------------ transformer
 
@@ -555,6 +578,9 @@ class Guard:
         if frame is None or frame.ignored:
             return
         session = self.session
+        if frame.watch is not None:
+            # Before the deferral below swaps handlers: the cell is over, a SIGINT now cuts nothing off.
+            frame.watch.stop()
         try:
             # A skip or a refusal has no outcome to protect from an interrupt.
             with _sigint_deferred() if frame.claim is not None else nullcontext():
@@ -596,22 +622,29 @@ class Guard:
             return
         target = frame.target
         assert target is not None
-        error = frame.error
-        if error is None:
-            if result is None:
-                error = KeyboardInterrupt("the cell was cancelled")
-            else:
-                error = result.error_before_exec or result.error_in_exec
+        from .outcome import decide, reply_error
+
+        # The error the execute reply carries, not whether our code path saw one: an error while
+        # the result is displayed makes the reply an error too.
+        error = frame.error if frame.error is not None else reply_error(self.shell, result)
+        # Cut off by a requested interrupt: the outcome is unknown (DESIGN.md §3). One the cell
+        # raised itself (no SIGINT came) is an ordinary failure; one it caught is no error at all.
+        requested = frame.watch is not None and frame.watch.requested
+        outcome = decide(self.shell, error, interrupted=requested, raises_expected=frame.expects_error)
         if fenced is not None:
             self.warn(f"⚠ {target.label}: {fenced}")
         from .record import record_outcome
 
-        fut = record_outcome(self.shell, session, claim, target, frame.recorder, frame.names, error, result, self.warn)
+        fut = record_outcome(
+            self.shell, session, claim, target, frame.recorder, frame.names, outcome, result, self.warn
+        )
         session.pending.append((fut, target.label))
 
     def _cleanup(self, frame: Frame) -> StepFenced | None:
         """Undo what pre_run_cell set up for a frame: capture, context, heartbeat."""
         fenced = None
+        if frame.watch is not None:
+            frame.watch.stop()
         if frame.recorder is not None:
             frame.recorder.stop()
         if frame.ctx_token is not None:
@@ -628,11 +661,18 @@ class Guard:
             fenced, frame.lease = frame.lease.fenced, None
         return fenced
 
-    def _abandon(self, session: Session | None, why: str) -> None:
-        """Drop frames whose post_run_cell will not come; their claims fail (outcome unknown)."""
+    def _abandon(self, session: Session | None, why: str, *, cut_off: bool = False) -> None:
+        """Drop frames whose post_run_cell will not come.
+
+        Their claims end ``interrupted`` when the cell was cut off (a detach, a
+        requested interrupt): its outcome is unknown. A lost pre/post pairing
+        alone fails the claim (``OutcomeLost``), so the cell runs again.
+        """
         for frame in reversed(self._stack):
+            requested = frame.watch is not None and frame.watch.requested
             self._cleanup(frame)
             if frame.claim is not None and session is not None:
+                interrupted = cut_off or requested
                 try:
                     session.store.fail(
                         session.instance_id,
@@ -640,7 +680,8 @@ class Guard:
                         owner=session.owner,
                         epoch=frame.claim.state.epoch,
                         run_id=session.run_id,
-                        error={"type": "OutcomeLost", "message": why},
+                        error={"type": "KeyboardInterrupt" if requested else "OutcomeLost", "message": why},
+                        interrupted=interrupted,
                     )
                 except RunbookError as exc:  # fenced meanwhile, or the store is gone: say so, go on
                     self.warn(f"could not record that {frame.claim.step_key} was abandoned: {exc}")

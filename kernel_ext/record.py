@@ -20,11 +20,15 @@ from nbrunbook.engine.model import Claim, EncodedValue
 
 from . import saved
 from .capture import OutputRecorder
+from .outcome import DONE, INTERRUPTED, Outcome, without_exit_notice
 
 if TYPE_CHECKING:
     from .session import Session, Target
 
 CELL_RECORD = "#cell"
+#: Key in a done cell's record and ``done`` event: the cell ended the run with
+#: ``SystemExit`` of this code (0 or None), like papermill's early end.
+SYSTEM_EXIT = "system_exit"
 
 
 def _jsonable(value: Any) -> Any:
@@ -52,28 +56,40 @@ def record_outcome(
     target: Target,
     recorder: OutputRecorder | None,
     names: Sequence[str],
-    error: BaseException | None,
+    outcome: Outcome,
     result: Any,
     warn: Callable[[str], None],
 ) -> Future[Any]:
     """``fail`` with the error, or ``complete`` with outputs and saved values; returns the commit's future.
+
+    A failed or interrupted outcome is a ``fail`` (``interrupted=True`` for a
+    cell cut off by a requested interrupt: its outcome is unknown). A done
+    outcome that carries an error (``raises-exception``, a clean
+    ``SystemExit``) keeps it in the record as ``error`` (ename, evalue,
+    traceback), plus ``system_exit`` (the code) when the cell ended the run,
+    so a skip can show and raise it again.
 
     Submitted with ``wait=False``: the commit overlaps the next cell and is
     ordered before its claim.
     """
     crashpoint("before_record")
     common: dict[str, Any] = {"owner": session.owner, "epoch": claim.state.epoch, "run_id": session.run_id}
-    if error is not None:
+    error = outcome.error
+    if outcome.status != DONE:
+        assert error is not None
         fut = session.store.fail(
             session.instance_id,
             claim.step_key,
             error={"type": type(error).__name__, "message": str(error)[:2000]},
             wait=False,
+            interrupted=outcome.status == INTERRUPTED,
             **common,
         )
     else:
         recorder = recorder or OutputRecorder(session.options.output_limit)
         shown = getattr(result, "result", None)  # set only when the display hook showed it
+        if getattr(shell, "_last_traceback_during_displayhook", False):
+            shown = None  # its display raised: formatting it again would show that error twice
         if shown is not None:
             try:
                 data, md = shell.display_formatter.format(shown)
@@ -81,6 +97,8 @@ def record_outcome(
             except Exception:  # noqa: BLE001 - a broken repr must not lose the outcome
                 pass
         outputs = recorder.finish()
+        if outcome.ended_run:
+            outputs = without_exit_notice(outputs)
         values, unsaved, warnings = saved.collect(
             shell.user_ns, names, target.spec.save, limit=session.options.value_limit
         )
@@ -89,17 +107,23 @@ def record_outcome(
         for spec in target.spec.save:  # a failed save= is named again whenever the cell is skipped
             if spec.name not in values and spec.name in shell.user_ns:
                 unsaved[spec.name] = f"save={spec.name}: a {type(shell.user_ns[spec.name]).__name__} cannot be recorded"
-        record = {"outputs": outputs, "unsaved": unsaved, "source_hash": target.live_hash}
+        record: dict[str, Any] = {"outputs": outputs, "unsaved": unsaved, "source_hash": target.live_hash}
+        payload: dict[str, Any] = {
+            "outputs": len(outputs),
+            "saved": sorted(n for n in values if n != CELL_RECORD),
+            "source_hash": target.live_hash,
+        }
+        if outcome.kept is not None:
+            record["error"] = dict(outcome.kept)
+            payload["error"] = {"type": outcome.kept["ename"], "message": outcome.kept["evalue"]}
+        if outcome.ended_run:
+            record[SYSTEM_EXIT] = payload[SYSTEM_EXIT] = outcome.exit_code
         text = json.dumps(record, separators=(",", ":"), default=_jsonable)
         values[CELL_RECORD] = EncodedValue("json", text.encode())
         fut = session.store.complete(
             session.instance_id,
             claim.step_key,
-            payload={
-                "outputs": len(outputs),
-                "saved": sorted(n for n in values if n != CELL_RECORD),
-                "source_hash": target.live_hash,
-            },
+            payload=payload,
             values=values,
             wait=False,
             **common,

@@ -119,7 +119,13 @@ def skipper(
     note: str,
     warn: Callable[[str], None],
 ) -> Callable[[], RecordedResult | None]:
-    """The body of a skipped cell: restore its values, say so in one line, replay its outputs."""
+    """The body of a skipped cell: restore its values, say so in one line, replay its outputs.
+
+    A cell recorded done *with* an error (nbclient's ``raises-exception``, or
+    a ``SystemExit`` that ended the run) raises that error again after its
+    outputs, so the reply is the same error as on the first run: nbclient
+    carries on past an expected error, and stops at ``SystemExit`` again.
+    """
     from . import saved
 
     def run() -> RecordedResult | None:
@@ -131,6 +137,15 @@ def skipper(
             warn(note)
         for problem in problems:
             warn(problem)
-        return replay(record.get("outputs") or [])
+        result = replay(record.get("outputs") or [])
+        kept = record.get("error")
+        if not isinstance(kept, Mapping):
+            return result
+        from .outcome import rebuild
+        from .record import SYSTEM_EXIT
+
+        if result is not None:
+            sys.displayhook(result)  # shown before the error, as on the first run
+        raise rebuild(kept, record.get(SYSTEM_EXIT), ended_run=SYSTEM_EXIT in record)
 
     return run

@@ -179,6 +179,33 @@ def test_failure_retry_keeps_idempotency_key(store: Store, new_instance: Callabl
     assert events[3].payload == {"after": "failed"}
 
 
+def test_fail_interrupted_needs_a_decision(store: Store, new_instance: Callable[..., str]) -> None:
+    """A holder reporting a requested interrupt: running -> interrupted, fenced rules as for fail."""
+    iid = new_instance()
+    c1 = _claim(store, iid, "cell/a")
+    error = {"type": "KeyboardInterrupt", "message": ""}
+    fut = store.fail(
+        iid, c1.step_key, owner=A, epoch=c1.state.epoch, run_id="r", error=error, interrupted=True, wait=False
+    )
+    assert not isinstance(fut, model.StepState)
+    assert fut.result(timeout=30).status == "interrupted"
+    # A repeat of the committed call (a lost reply) answers the same and journals nothing.
+    again = store.fail(iid, c1.step_key, owner=A, epoch=c1.state.epoch, run_id="r", error=error, interrupted=True)
+    assert isinstance(again, model.StepState) and again.status == "interrupted"
+    assert _claim(store, iid, "cell/a", B).outcome is ClaimOutcome.INTERRUPTED
+    c2 = _claim(store, iid, "cell/a", B, retry_safe=True)
+    assert c2.outcome is ClaimOutcome.CLAIMED and c2.state.attempt == 2
+    assert c2.idempotency_key == c1.idempotency_key
+    with pytest.raises(StepFenced):  # the old holder again: never applied
+        store.fail(iid, c1.step_key, owner=A, epoch=c1.state.epoch, run_id="r", error=error, interrupted=True)
+    assert store.step(iid, "cell/a").status == "running"  # type: ignore[union-attr]
+    events = check_store(store, iid)
+    assert [e.event for e in events] == ["instance_created", "claimed", "interrupted", "claimed", "fenced"]
+    assert events[2].payload["reason"] == "interrupt requested"
+    assert events[2].payload["error"] == error and events[2].owner == A
+    assert events[4].payload["rejected"] == "interrupted"
+
+
 def test_attempts_are_bounded(store: Store, new_instance: Callable[..., str]) -> None:
     iid = new_instance(max_attempts=2)
     for _ in range(2):

@@ -187,7 +187,14 @@ class Kernel:
             elif kind in ("display_data", "execute_result"):
                 outputs.append({"output_type": kind, "data": content["data"], "metadata": content.get("metadata", {})})
             elif kind == "error":
-                outputs.append({"output_type": "error", "ename": content["ename"], "evalue": content["evalue"]})
+                outputs.append(
+                    {
+                        "output_type": "error",
+                        "ename": content["ename"],
+                        "evalue": content["evalue"],
+                        "traceback": content.get("traceback", []),
+                    }
+                )
             elif kind == "clear_output":
                 outputs.clear()
         while True:
