@@ -9,7 +9,8 @@ not an object, a kernelspec that is not one) - with a traceback. nbrunbook runs
 the first kind with one warning line and refuses the second kind with one
 error line (exit 2). Tags decide what a cell is here (``parameters``,
 ``runbook:*``, ``skip-execution``), so tags that are not a list of strings are
-refused too, where nbclient would read ``"skip-execution"`` as a substring.
+refused too, where nbclient would read ``"skip-execution"`` as a substring, and
+so are invalid cell ids (a cell id is a step's identity).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import typing as t
 
+from .keys import CELL_ID_RE
 from .notebook_ids import NotebookError
 
 
@@ -61,11 +63,19 @@ def read_lenient(raw: dict[str, t.Any], path: str) -> tuple[t.Any, str | None]:
         nb = nbformat.convert(nb, 4)
     except (nbformat.ValidationError, nbformat.reader.NotJSONError, ValueError, KeyError) as exc:
         raise NotebookError(path, f"is not a valid notebook ({_first_line(exc)})") from None
+    bad = [c.get("id") for c in raw["cells"] if "id" in c and not _valid_id(c.get("id"))]
+    if bad:
+        # nbclient runs these with a warning, but here a cell id is a step's identity.
+        raise NotebookError(path, f"is not a valid notebook (invalid cell ids {', '.join(map(repr, bad[:5]))})")
     try:
         nbformat.validate(nb)
     except nbformat.ValidationError as exc:
         return nb, _describe(exc)
     return nb, None
+
+
+def _valid_id(cell_id: t.Any) -> bool:
+    return isinstance(cell_id, str) and CELL_ID_RE.fullmatch(cell_id) is not None
 
 
 def _first_line(exc: BaseException) -> str:
