@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import math
 import os
 import sys
 import threading
@@ -64,7 +65,11 @@ def register(sub: Any) -> None:
     p.add_argument("--kernel", metavar="NAME", help="kernel name (default: the notebook's, else python3)")
     p.add_argument("--cwd", metavar="DIR", help="the kernel's working directory (default: the notebook's)")
     p.add_argument(
-        "--cell-timeout", type=float, default=None, metavar="S", help="seconds a cell may run (default: none)"
+        "--cell-timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="seconds a cell may run; then it is interrupted and the run stops with exit 5 (default: no limit)",
     )
     p.add_argument(
         "--wait-timeout",
@@ -95,6 +100,17 @@ def register(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     add_store_arg(p)
     p.set_defaults(func=run)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 class Progress:

@@ -112,9 +112,12 @@ class RunbookClient(NotebookClient):
         before_attach: Callable[[RunbookClient], t.Awaitable[None]] | None = None,
         **kw: t.Any,
     ) -> None:
+        # nbclient's ``timeout`` is an integer trait; ``--cell-timeout 2.5`` is not.
+        timeout = kw.pop("timeout", None)
         kw.setdefault("kernel_manager_class", RunbookKernelManager)
         kw.setdefault("store_widget_state", True)
         super().__init__(nb, **kw)
+        self.cell_timeout: float | None = float(timeout) if timeout and timeout > 0 else None
         if kw.get("km") is not None:
             # A kernel started for this run (kernel.start_early): the client shuts
             # it down at the end, as nbclient does with a kernel it starts itself.
@@ -184,8 +187,9 @@ class RunbookClient(NotebookClient):
 
     def _get_timeout(self, cell: t.Any) -> int | None:
         # ``--cell-timeout`` is for cells: the silent setup requests (attach,
-        # detach) wait as long as they need.
-        return super()._get_timeout(cell) if cell is not None else None
+        # detach) wait as long as they need. (A float: nbclient only adds it to
+        # the clock and passes it to ``get_msg``.)
+        return t.cast(int, self.cell_timeout) if cell is not None else None
 
     async def _async_handle_timeout(self, timeout: int, cell: t.Any = None) -> dict[str, t.Any] | None:
         # nbclient raises CellTimeoutError (or interrupts, with a trait set);

@@ -260,33 +260,44 @@ def test_a_notebook_that_cannot_run_is_refused_with_one_line(tmp_path: Path, edi
     assert not store.exists() and not out.exists() and nb.read_bytes() == before
 
 
-def _kernelspec(root: Path, name: str, code: str) -> dict[str, str]:
-    """A kernelspec ``name`` whose process runs ``code`` (not a kernel); the env that finds it."""
+def _kernelspec(root: Path, name: str, argv: list[str], env: dict[str, str] | None = None) -> dict[str, str]:
+    """A kernelspec ``name`` running ``argv``; the environment that finds it."""
     spec = root / "kernels" / name
     spec.mkdir(parents=True)
-    argv = [sys.executable, "-c", code, "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": name, "language": "python"}))
+    kernel = {"argv": [*argv, "-f", "{connection_file}"], "display_name": name, "language": "python", "env": env or {}}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
     return {"JUPYTER_PATH": str(root)}
 
 
 @pytest.mark.parametrize(
-    ("code", "why"),
+    ("how", "why"),
     [
-        ("import sys; sys.exit(3)", "it exited with status 3"),
-        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
-        ("raise ImportError('no module named ipykernel_launcher')", "it exited with status 1"),
+        ("exits", "it exited with status 3"),
+        ("killed", "killed by SIGKILL"),
+        ("crashes-on-import", "it exited with status 1"),
     ],
 )
-def test_a_kernel_that_dies_while_starting_is_one_line_and_exit_1(tmp_path: Path, code: str, why: str) -> None:
-    env = _kernelspec(tmp_path / "jupyter", "dies", code)
+def test_a_kernel_that_dies_while_starting_is_one_line_and_exit_1(tmp_path: Path, how: str, why: str) -> None:
+    if how == "exits":
+        env = _kernelspec(tmp_path / "jupyter", "dies", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    elif how == "killed":
+        code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+        env = _kernelspec(tmp_path / "jupyter", "dies", [sys.executable, "-c", code])
+    else:
+        # The real ipykernel launcher, shadowed on its path by a module that fails to import.
+        shadow = tmp_path / "shadow"
+        shadow.mkdir()
+        (shadow / "ipykernel_launcher.py").write_text("raise ImportError('a broken install')\n")
+        argv = [sys.executable, "-m", "ipykernel_launcher"]
+        env = _kernelspec(tmp_path / "jupyter", "dies", argv, env={"PYTHONPATH": str(shadow)})
     nb = _nb(tmp_path / "k.ipynb", [("only", "x = 1", [])])
     store, out = tmp_path / "store.duckdb", tmp_path / "out.ipynb"
     run = _run(nb, "dies-1", store, out, "--kernel", "dies", env=env)
     assert run.code == 1, run.stderr
     assert [ln for ln in run.lines if "kernel" in ln] == [f"nbrunbook: the kernel died while starting: {why}"]
-    # No traceback of ours (nbclient's, jupyter_client's); the kernel's own crash
-    # report is the kernel's stderr, which this fake kernel alone prints.
+    # No traceback of ours (nbclient's, jupyter_client's); a crashing kernel's own
+    # report is the kernel's stderr, which only the import crash prints.
     assert "nbclient" not in run.stderr and "jupyter_client" not in run.stderr, run.stderr
-    if "ImportError" not in code:
+    if how != "crashes-on-import":
         assert "Traceback" not in run.stderr, run.stderr
     assert not out.exists()  # nothing ran, nothing is written
