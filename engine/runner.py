@@ -279,6 +279,7 @@ class RunbookClient(NotebookClient):
                 if not stopper.stopping:
                     raise
                 died = True  # killed by the stopper: the cell was cut off
+            kc.next_metadata = None  # not sent when nbclient skips the cell (skip-execution, empty)
             stopper.answered()
             outcome = self._outcome(index, cell, time.monotonic() - start, self._reply, died)
             self.outcomes.append(outcome)
