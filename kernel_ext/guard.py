@@ -56,8 +56,6 @@ from nbrunbook.engine.errors import (
 from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
 
-from .cells import RAISES_EXCEPTION_TAG, SKIP_EXECUTION_TAG
-
 # Only what loading needs is imported here; the modules a running session
 # uses (capture, replay, saved, cells, the step context, the heartbeat) are
 # imported on first use, so `%load_ext nbrunbook` stays cheap.
@@ -338,6 +336,8 @@ class Guard:
         for problem in target.spec.problems:
             if session.notice_once(f"problem:{target.cell_id}:{problem}"):
                 self.warn(f"{target.label}: {problem}")
+        from .cells import RAISES_EXCEPTION_TAG, SKIP_EXECUTION_TAG
+
         request_tags = tag_tuple or ()
         if target.spec.kind != GUARDED or target.path is None or SKIP_EXECUTION_TAG in request_tags:
             return  # not a step (a `skip-execution` cell is one nbclient never runs)
@@ -622,15 +622,18 @@ class Guard:
             return
         target = frame.target
         assert target is not None
-        from .outcome import decide, reply_error
+        from .outcome import FAILED, Outcome, decide, reply_error
 
-        # The error the execute reply carries, not whether our code path saw one: an error while
-        # the result is displayed makes the reply an error too.
-        error = frame.error if frame.error is not None else reply_error(self.shell, result)
-        # Cut off by a requested interrupt: the outcome is unknown (DESIGN.md §3). One the cell
-        # raised itself (no SIGINT came) is an ordinary failure; one it caught is no error at all.
-        requested = frame.watch is not None and frame.watch.requested
-        outcome = decide(self.shell, error, interrupted=requested, raises_expected=frame.expects_error)
+        if frame.error is not None:
+            outcome = Outcome(FAILED, frame.error)  # a SIGINT during the claim: the body never ran
+        else:
+            # The error the execute reply carries, not whether our code path saw one: an error while
+            # the result is displayed makes the reply an error too.
+            error = reply_error(self.shell, result)
+            # Cut off by a requested interrupt: the outcome is unknown (DESIGN.md §3). One the cell
+            # raised itself (no SIGINT came) is an ordinary failure; one it caught is no error at all.
+            requested = frame.watch is not None and frame.watch.requested
+            outcome = decide(self.shell, error, interrupted=requested, raises_expected=frame.expects_error)
         if fenced is not None:
             self.warn(f"⚠ {target.label}: {fenced}")
         from .record import record_outcome

@@ -144,8 +144,7 @@ def skipper(
         from .outcome import rebuild
         from .record import SYSTEM_EXIT
 
-        if result is not None:
-            sys.displayhook(result)  # shown before the error, as on the first run
+        # No result to lose: a cell that raised (or whose display raised) recorded none.
         raise rebuild(kept, record.get(SYSTEM_EXIT), ended_run=SYSTEM_EXIT in record)
 
     return run

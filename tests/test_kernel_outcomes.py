@@ -152,9 +152,6 @@ def test_a_clean_system_exit_ends_the_run_and_again_on_resume(
     stop = first["stop"]
     assert (stop.status, stop.ename, stop.evalue) == ("error", "SystemExit", evalue)
     assert stop.stdout == "stopping here\n"
-    record = _record(store, "stop")
-    assert "system_exit" in record and record["system_exit"] in (0, None)
-    assert record["error"]["ename"] == "SystemExit"
 
     k = _fresh(kernels, k, nb, store)
     again = nb.run(k)
@@ -166,6 +163,9 @@ def test_a_clean_system_exit_ends_the_run_and_again_on_resume(
     assert replayed.stderr == stop.stderr
     k.shutdown()
 
+    record = _record(store, "stop")  # read once the kernels let go of the store (outcomes commit in the background)
+    assert "system_exit" in record and record["system_exit"] in (0, None)
+    assert record["error"]["ename"] == "SystemExit"
     lines = effects(tmp_path)
     assert [e["cell"] for e in lines] == ["first", "stop"]
     events = check_instance(store, "T1", lines)
@@ -196,6 +196,12 @@ def test_a_nonzero_system_exit_is_a_failure(kernels: Kernels, tmp_path: Path, st
     assert failed.payload["error"]["type"] == "SystemExit"
 
 
+CUSTOM_ERROR = (
+    'effect("own")\nclass DeployError(Exception):\n    """A deploy step refused."""\n\n'
+    'raise DeployError("rollback needed")'
+)
+
+
 def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tmp_path: Path) -> None:
     """nbclient's ``raises-exception``: done with its error; a skip raises the same error; later cells run."""
     nb = _notebook(
@@ -203,6 +209,8 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
         [
             ("boom", 'effect("boom")\nprint("before the error")\nraise KeyError("expected")', ["raises-exception"]),
             ("after", 'effect("after")\nprint("after ran")', []),
+            # The user's own exception class: the skip cannot import it, the reply must not differ.
+            ("own", CUSTOM_ERROR, ["raises-exception"]),
         ],
     )
     store = tmp_path / "store.duckdb"
@@ -213,9 +221,8 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
     boom = k.execute(nb.source("boom"), cell_id="boom")
     assert (boom.status, boom.ename, boom.evalue) == ("error", "KeyError", "'expected'")
     assert k.execute(nb.source("after"), cell_id="after").ok().stdout == "after ran\n"  # no order violation
-    record = _record(store, "boom")
-    assert record["error"]["ename"] == "KeyError" and "system_exit" not in record
-    assert record["error"]["traceback"] == _errors(boom)[0]["traceback"]
+    own = nb.run(k, ["own"])["own"]  # as the runner sends it (with its tags)
+    assert (own.status, own.ename, own.evalue) == ("error", "DeployError", "rollback needed")
 
     k = _fresh(kernels, k, nb, store)
     again = nb.run(k, stop_on_error=False)  # like nbclient, which carries on past the expected error
@@ -224,10 +231,15 @@ def test_raises_exception_tag_is_done_and_replays_its_error(kernels: Kernels, tm
     assert replayed.status_lines and replayed.stdout == "before the error\n"
     assert _errors(replayed) == _errors(boom)  # same name, value and traceback as the first run
     assert again["after"].ok().status_lines
+    assert again["own"].status_lines and _errors(again["own"]) == _errors(own)
+    assert (again["own"].ename, again["own"].evalue) == ("DeployError", "rollback needed")
     k.shutdown()
 
+    record = _record(store, "boom")
+    assert record["error"]["ename"] == "KeyError" and "system_exit" not in record
+    assert record["error"]["traceback"] == _errors(boom)[0]["traceback"]
     lines = effects(tmp_path)
-    assert [e["cell"] for e in lines] == ["boom", "after"]
+    assert [e["cell"] for e in lines] == ["boom", "after", "own"]
     events = check_instance(store, "T1", lines)
     assert _steps(events, "boom") == [("claimed", 1), ("done", 1)]
     assert _steps(events, "after") == [("claimed", 1), ("done", 1)]
@@ -265,8 +277,10 @@ def test_skip_execution_cell_is_not_a_step(kernels: Kernels, tmp_path: Path) -> 
     k.execute(start_code(nb.path, store)).ok()
     results = nb.run(k, ["setup", "first", "last"])  # what nbclient sends
     assert results["last"].ok().stdout == "last ran\n"
-    # A frontend that runs it anyway: it runs, as no step.
-    assert k.execute(nb.source("draft"), cell_id="draft", tags=["skip-execution"]).ok().stdout.startswith("a draft")
+    # A frontend that runs it anyway (JupyterLab: cellId, no tags; the tag is in the file): it runs, as no step.
+    assert k.execute(nb.source("draft"), cell_id="draft").ok().stdout.startswith("a draft")
+    # An edited draft (not the pinned source) with the tag in the request: still no step.
+    assert k.execute("print('edited draft')", cell_id="draft", tags=["skip-execution"]).ok().stdout == "edited draft\n"
     k.shutdown()
     events = check_instance(store, "T1", effects(tmp_path))
     assert not [e for e in events if e.step_key and "draft" in e.step_key]
