@@ -206,10 +206,17 @@ class RunbookClient(NotebookClient):
 
     async def async_start_new_kernel_client(self) -> t.Any:
         """nbclient's, with a kernel that dies while starting turned into one :class:`RunnerError`."""
+        from .run_signals import Stopper
+
         process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        # The run's signal handlers replace nbclient's (which only clean the
+        # kernel up) before the wait for the kernel, which may be long.
+        self.stopper = Stopper(self.km)
+        self.stopper.install()
         try:
             return await super().async_start_new_kernel_client()
         except (RuntimeError, TimeoutError) as exc:
+            self.stopper.uninstall()
             # nbclient already cleaned the kernel up, but leaves its atexit
             # cleanup registered, which would fail on the missing manager at exit.
             atexit.unregister(self._cleanup_kernel)
@@ -220,6 +227,9 @@ class RunbookClient(NotebookClient):
                 why = f"killed by {signal.Signals(-code).name}"
             else:
                 why = f"it exited with status {code}"
+            if self.stopper.signum is not None:
+                message = f"stopped by {self.stopper.signal_name} while the kernel was starting; no cell ran"
+                raise KernelStartFailed(self.stopper.exit_code, message) from None
             raise KernelStartFailed(cli.EXIT_FAILED, f"the kernel died while starting: {why}") from None
 
     async def async_run(self) -> int:
@@ -227,10 +237,12 @@ class RunbookClient(NotebookClient):
         from .run_signals import Stopper
 
         self.reset_execution_trackers()
+        self.stopper = None
         try:
             async with self.async_setup_kernel(cwd=self.resources.get("metadata", {}).get("path")):
-                self.stopper = Stopper(self.km)
-                self.stopper.install()
+                if self.stopper is None:  # the kernel client was there already
+                    self.stopper = Stopper(self.km)
+                    self.stopper.install()
                 try:
                     if self.before_attach is not None:
                         await self.before_attach(self)
