@@ -93,11 +93,11 @@ def test_cell_timeout_interrupts_the_step(tmp_path: Path) -> None:
     nb, effects, flag = _notebook(tmp_path, "time.sleep(600)\n")
     store, out = tmp_path / "store.duckdb", tmp_path / "out.ipynb"
     run = cli(
-        "run", str(nb), "-i", "tmo-1", "--store", str(store), "-o", str(out), "--no-progress", "--cell-timeout", "5"
+        "run", str(nb), "-i", "tmo-1", "--store", str(store), "-o", str(out), "--no-progress", "--cell-timeout", "5.5"
     )
     assert run.code == 5, run.stderr
     assert _lines(run.stderr, "timed out") == [
-        f"nbrunbook: cell 'slow' (slow) timed out after 5 s; the step is interrupted: "
+        f"nbrunbook: cell 'slow' (slow) timed out after 5.5 s; the step is interrupted: "
         f"decide with nbrunbook resolve tmo-1 slow --rerun|--done|--skip --store {store}"
     ]
     assert _no_traceback_of_ours(run.stderr), run.stderr
@@ -110,6 +110,16 @@ def test_cell_timeout_interrupts_the_step(tmp_path: Path) -> None:
     assert [e["step_key"] for e in read_effects(effects)] == ["cell/first@1", "cell/slow@1"]
     _resume_stops_for_a_decision(nb, "tmo-1", store, effects)
     check_instance(store, "tmo-1")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "soon"])
+def test_a_cell_timeout_that_is_not_a_positive_number_is_refused(tmp_path: Path, value: str) -> None:
+    nb, effects, _ = _notebook(tmp_path, "")
+    store = tmp_path / "store.duckdb"
+    run = cli("run", str(nb), "--store", str(store), "--cell-timeout", value)
+    assert run.code == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("nbrunbook run: error: argument --cell-timeout: ")
+    assert not store.exists() and not effects.exists() and not (tmp_path / ".nbrunbook").exists()
 
 
 def test_cell_timeout_kills_a_kernel_that_does_not_answer_the_interrupt(tmp_path: Path) -> None:
