@@ -77,6 +77,11 @@ def outside_the_loop() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def saved_handlers() -> dict[int, t.Any]:
+    """The current SIGINT and SIGTERM handlers, to restore after the run."""
+    return {int(s): signal.getsignal(s) for s in EXIT_FOR_SIGNAL}
+
+
 class Stopper:
     """Interrupts (then kills) the run's kernel on a cell timeout or a signal; remembers why.
 
@@ -84,8 +89,10 @@ class Stopper:
     event loop of the run.
     """
 
-    def __init__(self, km: t.Any, grace_seconds: float | None = None) -> None:
+    def __init__(self, km: t.Any, restore: dict[int, t.Any] | None = None, grace_seconds: float | None = None) -> None:
         self.km = km
+        #: The handlers to put back when the run ends (taken before nbclient set its own).
+        self.restore = restore if restore is not None else saved_handlers()
         self.grace = grace_seconds if grace_seconds is not None else grace()
         #: The signal that stops the run (SIGINT / SIGTERM), if one arrived.
         self.signum: int | None = None
@@ -110,12 +117,13 @@ class Stopper:
         self._loop = loop
 
     def uninstall(self) -> None:
-        """Give SIGINT and SIGTERM back to :func:`outside_the_loop`'s handler."""
+        """Put back the SIGINT and SIGTERM handlers of before the run (see ``restore``)."""
         if self._loop is None:
             return
         for s in EXIT_FOR_SIGNAL:
             self._loop.remove_signal_handler(s)
-            signal.signal(s, _raise_stopped)
+            if self.restore.get(int(s)) is not None:
+                signal.signal(s, self.restore[int(s)])
         self._loop = None
 
     def _on_signal(self, signum: int) -> None:

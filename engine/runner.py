@@ -140,6 +140,7 @@ class RunbookClient(NotebookClient):
         #: The cell whose ``sys.exit(0)`` ended the run early (papermill's rule).
         self.ended: CellOutcome | None = None
         self._reply: dict[str, t.Any] | None = None
+        self._signals_before: dict[int, t.Any] | None = None
 
     # ------------------------------------------------------------ kernel side
 
@@ -211,7 +212,7 @@ class RunbookClient(NotebookClient):
         process = getattr(getattr(self.km, "provisioner", None), "process", None)
         # The run's signal handlers replace nbclient's (which only clean the
         # kernel up) before the wait for the kernel, which may be long.
-        self.stopper = Stopper(self.km)
+        self.stopper = Stopper(self.km, restore=self._signals_before)
         self.stopper.install()
         try:
             return await super().async_start_new_kernel_client()
@@ -234,14 +235,16 @@ class RunbookClient(NotebookClient):
 
     async def async_run(self) -> int:
         """Execute every cell as one advance of the instance; returns the exit code."""
-        from .run_signals import Stopper
+        from .run_signals import Stopper, saved_handlers
 
         self.reset_execution_trackers()
         self.stopper = None
+        # Before nbclient sets its own (which only clean the kernel up): put back at the end.
+        self._signals_before = saved_handlers()
         try:
             async with self.async_setup_kernel(cwd=self.resources.get("metadata", {}).get("path")):
                 if self.stopper is None:  # the kernel client was there already
-                    self.stopper = Stopper(self.km)
+                    self.stopper = Stopper(self.km, restore=self._signals_before)
                     self.stopper.install()
                 try:
                     if self.before_attach is not None:
