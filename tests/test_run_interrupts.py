@@ -4,7 +4,9 @@ The cell was cut off at an arbitrary point, so its step is ``interrupted``
 (DESIGN.md §3): the run says so in one line, exits with the documented code
 (5 for a timeout, 130 / 143 for the signals), writes the partial output
 notebook and leaves no kernel behind; the next run stops at the step for a
-person's decision. Every wait is on a file a cell writes, never on the clock.
+person's decision. Every wait is on a file a cell writes, never on the clock;
+the cell timeouts are generous (the cell's claim counts) and the cells they cut
+off sleep far longer.
 """
 
 from __future__ import annotations
@@ -93,11 +95,11 @@ def test_cell_timeout_interrupts_the_step(tmp_path: Path) -> None:
     nb, effects, flag = _notebook(tmp_path, "time.sleep(600)\n")
     store, out = tmp_path / "store.duckdb", tmp_path / "out.ipynb"
     run = cli(
-        "run", str(nb), "-i", "tmo-1", "--store", str(store), "-o", str(out), "--no-progress", "--cell-timeout", "5.5"
+        "run", str(nb), "-i", "tmo-1", "--store", str(store), "-o", str(out), "--no-progress", "--cell-timeout", "15.5"
     )
     assert run.code == 5, run.stderr
     assert _lines(run.stderr, "timed out") == [
-        f"nbrunbook: cell 'slow' (slow) timed out after 5.5 s; the step is interrupted: "
+        f"nbrunbook: cell 'slow' (slow) timed out after 15.5 s; the step is interrupted: "
         f"decide with nbrunbook resolve tmo-1 slow --rerun|--done|--skip --store {store}"
     ]
     assert _no_traceback_of_ours(run.stderr), run.stderr
@@ -136,12 +138,12 @@ def test_cell_timeout_kills_a_kernel_that_does_not_answer_the_interrupt(tmp_path
         str(out),
         "--no-progress",
         "--cell-timeout",
-        "5",
+        "15",
         env={"NBRUNBOOK_INTERRUPT_GRACE": "2"},
     )
     assert run.code == 5, run.stderr
     assert _lines(run.stderr, "timed out") == [
-        f"nbrunbook: cell 'slow' (slow) timed out after 5 s (the kernel did not answer the interrupt and was "
+        f"nbrunbook: cell 'slow' (slow) timed out after 15 s (the kernel did not answer the interrupt and was "
         f"killed); the step is interrupted: decide with nbrunbook resolve tmo-2 slow --rerun|--done|--skip "
         f"--store {store}"
     ]
