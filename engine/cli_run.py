@@ -372,6 +372,7 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
                 "store": store,
                 "exit_code": code,
                 "parameters": params,
+                **_run_notes(client),
             }
             write_notebook(nb, output)
     if isinstance(refused, KernelStartFailed):
@@ -395,6 +396,17 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
     summary = f"ran {progress.ran}, skipped {progress.skipped} of {progress.total} cells"
     print(f"nbrunbook: instance {instance}: {_how_it_ended(client, code)}; {summary}; output {output}", file=sys.stderr)
     return code
+
+
+def _run_notes(client: RunbookClient) -> dict[str, Any]:
+    """For the output notebook: where ``sys.exit`` ended the run, which failed cells were let through."""
+    notes: dict[str, Any] = {}
+    if client.ended is not None:
+        notes["ended_early_at"] = client.ended.cell_id
+    failed = [o.cell_id for o in client.outcomes if o.status == "failed"]
+    if failed:
+        notes["failed_cells"] = failed
+    return notes
 
 
 def _how_it_ended(client: RunbookClient, code: int) -> str:

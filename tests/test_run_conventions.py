@@ -129,6 +129,8 @@ def test_allow_errors_goes_on_and_leaves_failed_steps_to_retry(tmp_path: Path) -
     assert "2 failed, let through by --allow-errors" in summary
     assert "'second' (second) RuntimeError" in summary and "'fourth' (fourth) KeyError" in summary
     output = read_output(out)
+    assert output.metadata["nbrunbook"]["failed_cells"] == ["second", "fourth"]
+    assert output.metadata["nbrunbook"]["exit_code"] == 0
     assert output.cells[2].metadata["nbrunbook"]["run"] == "failed"
     assert output.cells[2].outputs[-1].output_type == "error"
     assert "third ran" in _text(output.cells[3])
@@ -165,6 +167,7 @@ def test_sys_exit_zero_ends_the_instance_early_and_successfully(tmp_path: Path, 
     assert _keys(effects) == ["cell/first@1", "cell/stop@1"]
     output = read_output(out)
     assert output.cells[2].metadata["nbrunbook"]["run"] == "ended" and "stopping" in _text(output.cells[2])
+    assert output.metadata["nbrunbook"]["ended_early_at"] == "stop"
     assert output.cells[3].outputs == [] and "run" not in output.cells[3].metadata.get("nbrunbook", {})
     assert _status(store, "early-1") == {"cell/first": "done", "cell/stop": "done"}
 
