@@ -306,3 +306,16 @@ def test_a_kernel_that_dies_while_starting_is_one_line_and_exit_1(tmp_path: Path
     if how != "crashes-on-import":
         assert "Traceback" not in run.stderr, run.stderr
     assert not out.exists()  # nothing ran, nothing is written
+
+
+def test_a_kernel_whose_program_is_missing_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-python")
+    env = _kernelspec(tmp_path / "jupyter", "gone", [missing, "-m", "ipykernel_launcher"])
+    nb = _nb(tmp_path / "k.ipynb", [("only", "x = 1", [])])
+    store, out = tmp_path / "store.duckdb", tmp_path / "out.ipynb"
+    run = _run(nb, "gone-1", store, out, "--kernel", "gone", env=env)
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"nbrunbook: the kernel 'gone' could not be started: [Errno 2] No such file or directory: {missing!r}"
+    ]
+    assert not out.exists() and not store.exists()
