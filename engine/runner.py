@@ -370,8 +370,12 @@ class RunbookClient(NotebookClient):
                 outcome.step = {"reason": self.skip_cells_with_tag}
             return outcome
         outputs = cell.get("outputs", [])
-        first = outputs[0] if outputs else {}
-        replayed = first.get("output_type") == "stream" and str(first.get("text", "")).startswith(STATUS_PREFIX)
+        # The status line is the first stdout of a skipped cell; a notice on stderr may come before it
+        # (the wait for another run's claim), so the first output is not the one to look at.
+        first: t.Mapping[str, t.Any] = next(
+            (o for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"), {}
+        )
+        replayed = str(first.get("text", "")).startswith(STATUS_PREFIX)
         if reply.get("status") == "error":
             outcome.ename, outcome.evalue = str(reply.get("ename", "Error")), str(reply.get("evalue", ""))
             if outcome.ename in EXIT_FOR_ENAME:
