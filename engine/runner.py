@@ -11,6 +11,13 @@ kept in the output notebook's cell metadata under ``nbrunbook``.
 Refusals come back from the guard as errors whose ``ename`` is the engine's
 error class; :data:`EXIT_FOR_ENAME` maps them to the exit codes of
 DESIGN.md §6.
+
+The reply decides how the run goes on, with nbclient's and papermill's rules:
+a ``raises-exception`` cell's error is expected, ``--allow-errors`` goes on
+past failed cells, ``skip-execution`` cells are not sent, ``SystemExit`` with
+code 0 / None ends the run successfully (papermill). A cell timeout, Ctrl-C
+or SIGTERM interrupts the kernel (:mod:`.run_signals`): the cut-off step is
+``interrupted`` and the run stops for a person's decision.
 """
 
 from __future__ import annotations
