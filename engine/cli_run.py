@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import json
+import math
 import os
 import sys
 import threading
@@ -65,7 +65,11 @@ def register(sub: Any) -> None:
     p.add_argument("--kernel", metavar="NAME", help="kernel name (default: the notebook's, else python3)")
     p.add_argument("--cwd", metavar="DIR", help="the kernel's working directory (default: the notebook's)")
     p.add_argument(
-        "--cell-timeout", type=float, default=None, metavar="S", help="seconds a cell may run (default: none)"
+        "--cell-timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="seconds a cell may run; then it is interrupted and the run stops with exit 5 (default: no limit)",
     )
     p.add_argument(
         "--wait-timeout",
@@ -85,11 +89,28 @@ def register(sub: Any) -> None:
         action="store_true",
         help="run interrupted cells again instead of stopping for a decision",
     )
+    p.add_argument(
+        "--allow-errors",
+        action="store_true",
+        help="go on past failed cells (like `jupyter execute --allow-errors`); they stay failed and are retried "
+        "by the next run",
+    )
     p.add_argument("--force-params", action="store_true", help="resume with other parameters than the instance's")
     p.add_argument("--max-attempts", type=int, default=None, metavar="N", help="attempts per cell before giving up")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     add_store_arg(p)
     p.set_defaults(func=run)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 class Progress:
@@ -120,9 +141,10 @@ class Progress:
 
     def finish(self, outcome: Any) -> None:
         self.done += 1
-        if outcome.status == "ran":
+        replayed = bool(outcome.step.get("replayed"))  # an early end seen again on a resume
+        if outcome.status == "ran" or (outcome.status == "ended" and not replayed):
             self.ran += 1
-        elif outcome.status == "skipped":
+        elif outcome.status == "skipped" or replayed:
             self.skipped += 1
         if self.bar is not None:
             self.bar.set_postfix_str(f"ran {self.ran} skipped {self.skipped}")
@@ -130,6 +152,10 @@ class Progress:
         else:
             took = f"{outcome.seconds:.2f}s"
             extra = f" {outcome.ename}" if outcome.ename else ""
+            if outcome.status in ("ran", "skipped") and outcome.ename:
+                extra += " (expected: raises-exception)"
+            elif outcome.step.get("reason"):
+                extra += f" ({outcome.step['reason']})"
             print(
                 f"nbrunbook: [{self.done}/{self.total}] {outcome.status:8s} {outcome.name} "
                 f"({outcome.cell_id}) {took}{extra}",
@@ -159,6 +185,11 @@ def check(args: argparse.Namespace) -> Checked:
     """
     path = os.path.abspath(args.notebook)
     raw = read_json(path)
+    from .nb_validation import unrunnable
+
+    problem = unrunnable(raw)  # before a kernel starts: nbclient could not run it either
+    if problem is not None:
+        raise NotebookError(path, f"cannot be run: {problem}")
     ids = [str(c["id"]) for c in raw["cells"] if c.get("id") is not None]
     dups = [i for i in ids if ids.count(i) > 1]
     if dups:
@@ -190,15 +221,21 @@ def check(args: argparse.Namespace) -> Checked:
     return Checked(raw, path, params, derived, os.path.abspath(args.cwd or os.path.dirname(path)))
 
 
-def validated(checked: Checked) -> Any:
-    """The checked notebook as an nbformat node with the parameters injected; ``NotebookError`` if invalid."""
-    import nbformat
+def validated(checked: Checked, warn: bool = False) -> Any:
+    """The checked notebook as an nbformat node with the parameters injected.
 
-    try:
-        nb = nbformat.reads(json.dumps(checked.raw), as_version=4)
-        nbformat.validate(nb)
-    except nbformat.ValidationError as exc:
-        raise NotebookError(checked.path, f"is not a valid notebook ({exc.message})") from None
+    As lenient as nbclient (see :mod:`.nb_validation`): a schema violation
+    nbclient runs with is one warning line on stderr when ``warn``; a notebook
+    that cannot run at all is a ``NotebookError``.
+    """
+    from .nb_validation import read_lenient
+
+    nb, problem = read_lenient(checked.raw, checked.path)
+    if problem is not None and warn:
+        print(
+            f"nbrunbook: warning: {checked.path} is not a valid notebook ({problem}); running it as nbclient does",
+            file=sys.stderr,
+        )
     return inject(nb, checked.params)
 
 
@@ -214,23 +251,39 @@ def prepare(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], str]:
 
 def run(args: argparse.Namespace) -> int:
     """``nbrunbook run``."""
-    checked = check(args)
+    from .run_signals import Stopped, outside_the_loop
+
+    try:
+        with outside_the_loop():
+            return _run_checked(args, check(args))
+    except Stopped as exc:
+        # Ctrl-C / SIGTERM before the first cell: nothing ran; the kernel is stopped.
+        print(f"nbrunbook: stopped by {exc}; no cell ran", file=sys.stderr)
+        return exc.code
+
+
+def _run_checked(args: argparse.Namespace, checked: Checked) -> int:
+    """Start the kernel and advance the instance (``checked``: the run's validated inputs)."""
     # The kernel boots (~1 s) in its own process while this one imports nbformat
     # and nbclient (~1-2 s here, mostly jsonschema's format checkers) and
     # validates the notebook: it is started before them, not after. If the
     # notebook then turns out invalid, it is killed; nothing else was touched.
     from . import kernel as run_kernel
 
-    km = run_kernel.start_early(args.kernel, checked.cwd)
     try:
-        return _advance(args, checked, validated(checked), km)
+        km = run_kernel.start_early(args.kernel, checked.cwd)
+    except OSError as exc:  # the kernelspec's argv cannot be started at all
+        print(f"nbrunbook: the kernel {args.kernel!r} could not be started: {exc}", file=sys.stderr)
+        return cli.EXIT_FAILED
+    try:
+        return _advance(args, checked, validated(checked, warn=True), km)
     finally:
         run_kernel.stop(km)  # a no-op once the client shut it down; else nothing is left running
 
 
 def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> int:
     """Run the validated notebook on the started kernel ``km``: one advance of the instance."""
-    from .runner import RunbookClient, RunnerError, write_notebook  # nbclient's imports, while the kernel boots
+    from .runner import KernelStartFailed, RunbookClient, RunnerError, write_notebook  # imports while it boots
 
     path, params, derived = checked.path, checked.params, checked.derived
     if derived:
@@ -245,6 +298,8 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
         "rerun_interrupted": args.rerun_interrupted,
         "wait_timeout": args.wait_timeout,
     }
+    if args.allow_errors:
+        options["allow_errors"] = True
     if args.max_attempts is not None:
         options["max_attempts"] = args.max_attempts
     # The first look at the store starts its server when none runs (~0.5 s: a
@@ -281,6 +336,7 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
         runbook=runbook,
         kernel_name=args.kernel,
         timeout=args.cell_timeout,
+        allow_errors=args.allow_errors,
         km=km,
         resources={"metadata": {"path": checked.cwd}},
         before_cell=lambda i, cell: progress.start(i, str(cell.get("id"))),
@@ -289,13 +345,16 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
     )
     code = cli.EXIT_OK
     message = ""
-    refused: RunbookError | None = None
+    resolve: str | None = None
+    refused: RunbookError | KernelStartFailed | None = None
     try:
         code = client.run()
     except _StoreRefused as exc:
         refused = exc.error
+    except KernelStartFailed as exc:
+        refused = exc  # no cell ran: no output, no summary
     except RunnerError as exc:
-        code, message = exc.code, exc.message
+        code, message, resolve = exc.code, exc.message, exc.resolve
     except RunbookError as exc:
         code, message = cli.exit_code_for(exc), str(exc)
     finally:
@@ -308,27 +367,57 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
                 "store": store,
                 "exit_code": code,
                 "parameters": params,
+                **_run_notes(client),
             }
             write_notebook(nb, output)
+    if isinstance(refused, KernelStartFailed):
+        print(f"nbrunbook: {refused.message}", file=sys.stderr)
+        return refused.code
     if refused is not None:
         raise refused  # nothing ran and nothing was written, as when the store refused up front
+    store_arg = f" --store {store}" if args.store else ""
+    if resolve is not None:
+        # Cut off by a timeout or a signal: the advice belongs to the same line.
+        message += f": decide with nbrunbook resolve {instance} {resolve} --rerun|--done|--skip{store_arg}"
     if message:
         print(f"nbrunbook: {message}", file=sys.stderr)
-    if code == cli.EXIT_INTERRUPTED:
+    if code == cli.EXIT_INTERRUPTED and resolve is None:
         stopped = next((o for o in reversed(client.outcomes) if o.ename == "StepInterrupted"), None)
         cell = stopped.cell_id if stopped else "CELL"
-        store_arg = f" --store {store}" if args.store else ""
         print(
             f"nbrunbook: decide, then run again: nbrunbook resolve {instance} {cell} --rerun|--done|--skip{store_arg}",
             file=sys.stderr,
         )
     summary = f"ran {progress.ran}, skipped {progress.skipped} of {progress.total} cells"
-    print(
-        f"nbrunbook: instance {instance}: {'done' if code == 0 else f'stopped (exit {code})'}; {summary}; "
-        f"output {output}",
-        file=sys.stderr,
-    )
+    print(f"nbrunbook: instance {instance}: {_how_it_ended(client, code)}; {summary}; output {output}", file=sys.stderr)
     return code
+
+
+def _run_notes(client: RunbookClient) -> dict[str, Any]:
+    """For the output notebook: where ``sys.exit`` ended the run, which failed cells were let through."""
+    notes: dict[str, Any] = {}
+    if client.ended is not None:
+        notes["ended_early_at"] = client.ended.cell_id
+    failed = [o.cell_id for o in client.outcomes if o.status == "failed"]
+    if failed:
+        notes["failed_cells"] = failed
+    return notes
+
+
+def _how_it_ended(client: RunbookClient, code: int) -> str:
+    """The summary's verdict: done, ended early by ``sys.exit``, failures let through, or stopped."""
+    if code != cli.EXIT_OK:
+        return f"stopped (exit {code})"
+    verdict = "done"
+    if client.ended is not None:
+        e = client.ended
+        value = e.evalue.strip() if e.evalue and e.evalue.strip() not in ("", "None") else ""
+        verdict = f"ended early at cell {e.name!r} ({e.cell_id}): SystemExit({value})"
+    failed = [o for o in client.outcomes if o.status == "failed"]
+    if failed:
+        names = ", ".join(f"{o.name!r} ({o.cell_id}) {o.ename}" for o in failed)
+        verdict += f"; {len(failed)} failed, let through by --allow-errors (the next run retries them): {names}"
+    return verdict
 
 
 class _StoreRefused(Exception):

@@ -41,6 +41,8 @@ class Options:
     decision. ``wait_timeout``: seconds to wait for a cell busy elsewhere.
     ``unordered``: create the instance without order enforcement (fixed at
     creation). The limits cap recorded outputs and each saved value, in bytes.
+    ``allow_errors``: this advance goes on past failed cells (``nbrunbook run
+    --allow-errors``), so a cell's order check must not wait for them.
     """
 
     on_changed: str = "skip"
@@ -53,6 +55,7 @@ class Options:
     value_limit: int = VALUE_LIMIT
     #: ``interactive`` or ``headless`` (journaled; the runner passes headless).
     mode: str = "interactive"
+    allow_errors: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, base: Options | None = None) -> Options:
@@ -263,7 +266,10 @@ class Session:
             else:
                 spec = classify(raw, tags if tags is not None else entry.tags, transform=transform)
                 spec = dataclasses.replace(spec, name=entry.spec.name or spec.name)
-            ordered = not (self.unordered or spec.unordered)
+            # --allow-errors: the runner sends the cells in order and stops at any
+            # refusal, so every earlier guarded cell is done or failed by now; the
+            # order check would only block on the failed ones it means to pass.
+            ordered = not (self.unordered or spec.unordered or self.options.allow_errors)
             requires = self.requires(cell_id) if ordered and spec.kind == GUARDED else ()
             return Target(cell_id, spec, live, self.label(cell_id), requires), notes
         spec = classify(raw, tags or (), transform=transform)
