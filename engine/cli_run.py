@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import cli
 from .cli_common import add_store_arg
 from .errors import DuplicateCellIds, RunbookError
-from .factory import default_store_path
+from .factory import canonical_location, default_store_path, split_location
 from .keys import new_instance_id, validate_instance_id
 from .notebook_ids import NotebookError, assign_ids, missing_ids, read_json
 from .params import collect, inject
@@ -188,6 +188,9 @@ def check(args: argparse.Namespace) -> Checked:
     args.kernel = kernel
     if args.cwd is not None and not os.path.isdir(args.cwd):
         raise NotebookError(args.cwd, "--cwd is not a directory")
+    # One spelling per store (prefix kept, file made real): two runs naming one
+    # store differently must share it, and the kernel gets a cwd-free name.
+    args.store = canonical_location(args.store or default_store_path(os.path.dirname(path)))
     return Checked(raw, path, params, derived, os.path.abspath(args.cwd or os.path.dirname(path)))
 
 
@@ -242,8 +245,8 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
         )
     instance = args.instance or new_instance_id()
     runbook = os.path.splitext(os.path.basename(path))[0]
-    store = os.path.abspath(args.store or default_store_path(os.path.dirname(path)))
-    output = args.output or os.path.join(os.path.dirname(store), "out", runbook, f"{instance}.ipynb")
+    store = args.store  # canonical, see check()
+    output = args.output or os.path.join(os.path.dirname(split_location(store)[1]), "out", runbook, f"{instance}.ipynb")
     options = {
         "mode": "headless",
         "on_changed": args.on_changed,
@@ -322,7 +325,7 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
     if code == cli.EXIT_INTERRUPTED:
         stopped = next((o for o in reversed(client.outcomes) if o.ename == "StepInterrupted"), None)
         cell = stopped.cell_id if stopped else "CELL"
-        store_arg = f" --store {store}" if args.store else ""
+        store_arg = f" --store {store}"  # the default store is beside the notebook, not in the cwd
         print(
             f"nbrunbook: decide, then run again: nbrunbook resolve {instance} {cell} --rerun|--done|--skip{store_arg}",
             file=sys.stderr,
