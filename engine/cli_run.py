@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> int:
     """Run the validated notebook on the started kernel ``km``: one advance of the instance."""
-    from .runner import RunbookClient, RunnerError, write_notebook  # nbclient's imports, while the kernel boots
+    from .runner import AttachRefused, RunbookClient, RunnerError, write_notebook  # nbclient's imports
 
     path, params, derived = checked.path, checked.params, checked.derived
     if derived:
@@ -298,17 +298,20 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
     code = cli.EXIT_OK
     message = ""
     refused: RunbookError | None = None
+    attach_refused: AttachRefused | None = None
     try:
         code = client.run()
     except _StoreRefused as exc:
         refused = exc.error
+    except AttachRefused as exc:
+        attach_refused = exc  # nothing ran: no file changes (an earlier run's output stays as it was)
     except RunnerError as exc:
         code, message = exc.code, exc.message
     except RunbookError as exc:
         code, message = cli.exit_code_for(exc), str(exc)
     finally:
         progress.close()
-        if refused is None:
+        if refused is None and attach_refused is None:
             nb = client.nb
             _step_metadata(nb, store, instance)
             nb.metadata["nbrunbook"] = {
@@ -320,6 +323,9 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
             write_notebook(nb, output)
     if refused is not None:
         raise refused  # nothing ran and nothing was written, as when the store refused up front
+    if attach_refused is not None:
+        print(f"nbrunbook: error: {attach_refused.message}", file=sys.stderr)
+        return attach_refused.code
     if message:
         print(f"nbrunbook: {message}", file=sys.stderr)
     if code == cli.EXIT_INTERRUPTED:

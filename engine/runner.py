@@ -74,6 +74,13 @@ class RunnerError(Exception):
         super().__init__(message)
 
 
+class AttachRefused(RunnerError):
+    """The instance refused this run before any cell ran (other parameters, another runbook, its store).
+
+    Nothing ran, so the run changes no file: no output notebook is written.
+    """
+
+
 def _error_line(evalue: str | None) -> str:
     return (evalue or "").strip().splitlines()[0] if evalue else ""
 
@@ -152,7 +159,7 @@ class RunbookClient(NotebookClient):
         reply = await self._run_silently(code)
         if reply.get("status") != "ok":
             ename = str(reply.get("ename", "Error"))
-            raise RunnerError(
+            raise AttachRefused(
                 EXIT_FOR_ENAME.get(ename, cli.EXIT_FAILED), f"{ename}: {_error_line(reply.get('evalue'))}"
             )
         await self._run_silently("del __nbrunbook_attached")
@@ -218,8 +225,12 @@ class RunbookClient(NotebookClient):
         spec = classify(cell.source, cell.metadata.get("tags", []), fallback_name=cell_id)
         name = spec.name or cell_id
         outputs = cell.get("outputs", [])
-        first = outputs[0] if outputs else {}
-        replayed = first.get("output_type") == "stream" and str(first.get("text", "")).startswith(STATUS_PREFIX)
+        # The status line is the first stdout of a skipped cell; a notice on stderr may come before it
+        # (the wait for another run's claim), so the first output is not the one to look at.
+        first: t.Mapping[str, t.Any] = next(
+            (o for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"), {}
+        )
+        replayed = str(first.get("text", "")).startswith(STATUS_PREFIX)
         if failure is not None:
             ename, evalue = failure.ename, failure.evalue
             status = "refused" if ename in EXIT_FOR_ENAME else "failed"

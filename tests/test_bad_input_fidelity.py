@@ -1,0 +1,196 @@
+"""Bad input and faults found by trying to break ``nbrunbook run`` (issue 24 E), on real subprocesses.
+
+Every bad input must end in one clear line, the documented exit code, and
+no change anywhere: the notebook, the store (absent stays absent, present
+stays byte-identical), the output notebook of an earlier run, and no stray
+temp file. The oracle for "nothing ran twice" is the effects file the cells
+append to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.runbooks import cli, effect_cell, read_output, start_cli, write_notebook
+from nbrunbook.engine.params import MAX_DEPTH, MAX_VALUES
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its content hash (directories as such)."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nbrunbook: error: "), stderr
+    return lines[0]
+
+
+def _simple(tmp: Path) -> Path:
+    effects = tmp / "effects.jsonl"
+    return write_notebook(
+        tmp / "rb.ipynb",
+        [
+            ("setup", f"import json\nEFFECTS = {str(effects)!r}", []),
+            ("params", "x = 1", ["parameters"]),
+            ("work", effect_cell("print('x is', x)\n"), []),
+        ],
+    )
+
+
+# ------------------------------------------------------------------ parameters
+
+BILLION_LAUGHS = "\n".join(
+    [f"a: &a [{', '.join(['lol'] * 9)}]"]
+    + [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)]
+)
+
+BAD_PARAMETERS = {
+    # name: (how the parameter is given, the message expected)
+    "deep-json-file": ("file", '{"x": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested more than"),
+    "deep-yaml-file": ("file", "x: " + "[" * 3_000 + "]" * 3_000, "nested more than"),
+    "just-too-deep": ("yaml", "x: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), f"more than {MAX_DEPTH} levels"),
+    "alias-bomb": ("file", BILLION_LAUGHS, f"expands to more than {MAX_VALUES:,} values"),
+    "alias-cycle": ("file", "x: &x [*x]", "parameter x: "),
+    "surrogate-escape-in-yaml": ("file", 'x: "\\ud800"', "parameter x: not valid Unicode text (lone surrogate"),
+    "surrogate-key-in-yaml": ("file", '"\\udcff": 1', "not valid Unicode text (lone surrogate '\\udcff'"),
+    "surrogate-from-argv": ("p", "x \udcff", "parameter x: not valid Unicode text (lone surrogate '\\udcff'"),
+    "surrogate-raw-from-argv": ("r", "x a\udcffb", "lone surrogate '\\udcff' at position 1"),
+    "file-not-utf8": ("bytes", b"x: \xff\xfe\n", "the parameters file is not UTF-8 text (byte 3)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PARAMETERS))
+def test_bad_parameters_are_one_line_exit_2_and_nothing_written(tmp_path: Path, case: str) -> None:
+    how, given, message = BAD_PARAMETERS[case]
+    nb = _simple(tmp_path)
+    args: list[str]
+    if how in ("file", "bytes"):
+        pfile = tmp_path / "params.yaml"
+        if isinstance(given, bytes):
+            pfile.write_bytes(given)
+        else:
+            pfile.write_text(given, encoding="utf-8")
+        args = ["-f", str(pfile)]
+    elif how == "yaml":
+        args = ["-y", str(given)]
+    else:
+        name, value = str(given).split(" ", 1)
+        args = [f"-{how}", name, value]
+    before = _tree(tmp_path)
+    # argv carries the surrogateescape'd byte as the byte itself, as a shell passes $'\xff'.
+    run = cli("run", str(nb), "-i", "p1", *args, "--no-progress", cwd=tmp_path, timeout=120)
+    assert run.code == 2, run.stderr
+    assert message in _one_error_line(run.stderr), run.stderr
+    assert _tree(tmp_path) == before  # no store (not even its directory), no output, no temp file
+
+
+# ------------------------------------------------------- a refused run writes nothing
+
+
+def test_a_run_refused_for_its_parameters_leaves_the_earlier_output_as_it_was(tmp_path: Path) -> None:
+    nb = _simple(tmp_path)
+    store = tmp_path / "store" / "store.duckdb"
+    out = tmp_path / "store" / "out" / "rb" / "fixed.ipynb"
+    first = cli("run", str(nb), "-i", "fixed", "-p", "x", "7", "--store", str(store), "--no-progress", cwd=tmp_path)
+    assert first.code == 0, first.stderr
+    assert out.exists()
+    before = _tree(tmp_path)
+    mtime = out.stat().st_mtime_ns
+    refused = cli("run", str(nb), "-i", "fixed", "-p", "x", "8", "--store", str(store), "--no-progress", cwd=tmp_path)
+    assert refused.code == 2, refused.stderr
+    line = _one_error_line(refused.stderr)
+    assert "ParamsMismatch" in line and "(differing: x); parameters of an instance are fixed" in line
+    assert out.stat().st_mtime_ns == mtime
+    assert _tree(tmp_path) == before  # the store too: a refusal adds no journal row
+    assert "x is 7" in "".join(o.get("text", "") for o in read_output(out).cells[3].outputs)
+    assert len((tmp_path / "effects.jsonl").read_text().splitlines()) == 1
+
+
+# ------------------------------------------------- waited for another run, then skipped
+
+# In the second run only (NBRUNBOOK_TEST_RELEASE set), a thread watches the kernel's main
+# thread and releases the first run's held cell once this kernel is inside the store's
+# wait for it: no sleeps, the wait is certain to have happened.
+WATCHER = """
+import os, sys, threading, time
+def _release_when_waiting(path):
+    main = threading.main_thread().ident
+    while True:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == 'wait' and os.sep + 'engine' + os.sep in code.co_filename:
+                open(path, 'w').close()
+                return
+            frame = frame.f_back
+        time.sleep(0.01)
+if os.environ.get('NBRUNBOOK_TEST_RELEASE'):
+    threading.Thread(target=_release_when_waiting, args=(os.environ['NBRUNBOOK_TEST_RELEASE'],), daemon=True).start()
+"""
+
+
+def test_a_run_that_waited_for_another_owner_then_skipped_says_skipped(tmp_path: Path) -> None:
+    effects = tmp_path / "effects.jsonl"
+    release = tmp_path / "release"
+    nb = write_notebook(
+        tmp_path / "wait.ipynb",
+        [
+            ("setup", f"#| runbook: always\nimport json, os, time\nEFFECTS = {str(effects)!r}\n{WATCHER}", []),
+            (
+                "held",
+                effect_cell(
+                    # Bounded, so that a broken watcher fails the test instead of hanging it.
+                    f"for _ in range(15000):\n    if os.path.exists({str(release)!r}):\n        break\n"
+                    "    time.sleep(0.02)\nelse:\n    raise TimeoutError('never released')\nprint('held done')\n"
+                ),
+                [],
+            ),
+            ("after", effect_cell("print('after ran')\n"), []),
+        ],
+    )
+    store = tmp_path / "store.duckdb"
+    out_a, out_b = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
+    common = ["-i", "w1", "--store", str(store), "--no-progress"]
+    first = start_cli("run", str(nb), *common, "-o", str(out_a), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (effects.exists() and effects.read_text().count("\n") >= 1):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run never started its held cell"
+            time.sleep(0.05)
+        second = cli(
+            "run", str(nb), *common, "-o", str(out_b), cwd=tmp_path, env={"NBRUNBOOK_TEST_RELEASE": str(release)}
+        )
+        _, first_err = first.communicate(timeout=400)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, first_err
+    assert second.code == 0, second.stderr
+    assert "ran      " in next(ln for ln in first_err.splitlines() if "(held)" in ln)
+    # The second run waited on "held" (its notice is in the cell), then found it done: skipped.
+    held = read_output(out_b).cells[1]
+    texts = [str(o.get("text", "")) for o in held.outputs]
+    assert any("is running in" in t and "waiting up to" in t for t in texts), texts
+    assert held.metadata["nbrunbook"]["run"] == "skipped", held.metadata
+    # "after" is free for whichever run gets there first; "held" counts as skipped in the summary.
+    assert "skipped 0 of" not in second.stderr, second.stderr
+    assert "skipped  " in next(ln for ln in second.stderr.splitlines() if "(held)" in ln)
+    keys = [json.loads(line)["step_key"] for line in effects.read_text().splitlines()]
+    assert sorted(keys) == ["cell/after@1", "cell/held@1"]
