@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers.runbooks import cli, effect_cell, read_output, start_cli, write_notebook
+from nbrunbook.engine.launch import stop_all
 from nbrunbook.engine.params import MAX_DEPTH, MAX_VALUES
 
 
@@ -194,3 +195,69 @@ def test_a_run_that_waited_for_another_owner_then_skipped_says_skipped(tmp_path:
     assert "skipped  " in next(ln for ln in second.stderr.splitlines() if "(held)" in ln)
     keys = [json.loads(line)["step_key"] for line in effects.read_text().splitlines()]
     assert sorted(keys) == ["cell/after@1", "cell/held@1"]
+
+
+# ------------------------------------------------- the runtime directory after any run
+
+CORPUS_DIR = Path(__file__).parent / "corpus"
+
+
+def _scenario(tmp: Path, kind: str) -> tuple[list[str], int]:
+    """The run's arguments for one ending, and the exit code it must end with."""
+    nb = _simple(tmp)
+    store = tmp / "store" / "store.duckdb"
+    args = [str(nb), "-i", "rt", "--store", f"embedded:{store}", "--no-progress"]
+    if kind == "ok":
+        return args, 0
+    if kind == "failed":
+        failing = write_notebook(tmp / "fail.ipynb", [("boom", "raise RuntimeError('boom')", [])])
+        return [str(failing), *args[1:]], 1
+    if kind == "kernel-died":
+        dying = write_notebook(tmp / "die.ipynb", [("die", "import os\nos._exit(1)", [])])
+        return [str(dying), *args[1:]], 1
+    if kind == "ok-server":  # a plain path: the store server's socket stays (until it idles), no kernel file
+        return [str(nb), "-i", "rt", "--store", str(store), "--no-progress"], 0
+    if kind == "refused-params":
+        assert cli("run", *args, "-p", "x", "1", cwd=tmp).code == 0
+        return [*args, "-p", "x", "2"], 2
+    if kind == "refused-store":
+        store.parent.mkdir()
+        store.write_bytes((CORPUS_DIR / "garbage-store.bin").read_bytes())
+        return args, 4
+    if kind == "invalid-notebook":  # refused by nbformat's schema after the kernel started
+        return [str(CORPUS_DIR / "bad-cell-id.ipynb"), *args[1:]], 2
+    assert kind == "bad-parameter"
+    return [*args, "-y", "x: [1"], 2
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "ok",
+        "ok-server",
+        "failed",
+        "kernel-died",
+        "refused-params",
+        "refused-store",
+        "invalid-notebook",
+        "bad-parameter",
+    ],
+)
+def test_no_connection_file_or_socket_is_left_in_the_runtime_dirs(tmp_path: Path, kind: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    args, code = _scenario(work, kind)
+    jupyter_rt, nbrunbook_rt, tmpdir = tmp_path / "jupyter-rt", tmp_path / "nbrunbook-rt", tmp_path / "tmp"
+    for d in (jupyter_rt, nbrunbook_rt, tmpdir):
+        d.mkdir()
+    env = {"JUPYTER_RUNTIME_DIR": str(jupyter_rt), "NBRUNBOOK_RUNTIME_DIR": str(nbrunbook_rt), "TMPDIR": str(tmpdir)}
+    run = cli("run", *args, cwd=work, env=env)
+    assert run.code == code, run.stderr
+    # Connection files (jupyter_client writes them to the runtime dir or TMPDIR) and the
+    # kernel's IPC sockets (nbrunbook's runtime dir) all go with the kernel.
+    assert os.listdir(jupyter_rt) == [] and os.listdir(tmpdir) == []
+    left = os.listdir(nbrunbook_rt)
+    if kind == "ok-server":
+        stop_all(str(nbrunbook_rt))  # its lock and log files are the server's own (kept for the next one)
+        left = [name for name in os.listdir(nbrunbook_rt) if name.startswith("kernel-") or name.endswith(".sock")]
+    assert left == [], left
