@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from helpers.runbooks import cli, effect_cell, read_output, start_cli, write_notebook
+from nbrunbook.engine.embedded import EmbeddedStore
 from nbrunbook.engine.launch import stop_all
 from nbrunbook.engine.params import MAX_DEPTH, MAX_VALUES
+from nbrunbook.engine.schema import CURRENT_VERSION
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -261,3 +265,47 @@ def test_no_connection_file_or_socket_is_left_in_the_runtime_dirs(tmp_path: Path
         stop_all(str(nbrunbook_rt))  # its lock and log files are the server's own (kept for the next one)
         left = [name for name in os.listdir(nbrunbook_rt) if name.startswith("kernel-") or name.endswith(".sock")]
     assert left == [], left
+
+
+# ------------------------------------------------------------- the kernel's own stderr
+
+# A python3 kernel that writes to its process's stderr as soon as it starts and while it
+# exits, the way ipykernel's logger and ZMQ tracebacks do.
+NOISY_KERNEL = (
+    "import atexit, os, sys\n"
+    "os.write(2, b'KERNEL-NOISE at start\\n')\n"
+    "atexit.register(lambda: os.write(2, b'KERNEL-NOISE at exit\\n'))\n"
+    "from ipykernel import kernelapp\n"
+    "kernelapp.launch_new_instance()\n"
+)
+
+
+def _noisy_kernel(tmp: Path) -> dict[str, str]:
+    spec = tmp / "share" / "kernels" / "noisy"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-c", NOISY_KERNEL, "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "noisy", "language": "python"}))
+    return {"JUPYTER_PATH": str(tmp / "share")}
+
+
+@pytest.mark.parametrize("ending", ["ok", "failed", "refused-newer-store", "refused-params"])
+def test_the_kernel_process_stderr_never_reaches_the_terminal(tmp_path: Path, ending: str) -> None:
+    env = _noisy_kernel(tmp_path)
+    nb = _simple(tmp_path)
+    if ending == "failed":
+        nb = write_notebook(tmp_path / "fail.ipynb", [("boom", "raise RuntimeError('boom')", [])])
+    store = tmp_path / "store" / "store.duckdb"
+    args = ["run", str(nb), "-i", "n1", "--kernel", "noisy", "--store", str(store), "--no-progress"]
+    if ending == "refused-newer-store":
+        EmbeddedStore(str(store)).close()
+        con = duckdb.connect(str(store))
+        con.execute("INSERT INTO schema_version VALUES (?, 0)", [CURRENT_VERSION + 1])
+        con.close()
+    if ending == "refused-params":
+        assert cli(*args, "-p", "x", "1", cwd=tmp_path, env=env).code == 0
+        args += ["-p", "x", "2"]
+    run = cli(*args, cwd=tmp_path, env=env)
+    assert run.code == {"ok": 0, "failed": 1, "refused-newer-store": 4, "refused-params": 2}[ending], run.stderr
+    assert "KERNEL-NOISE" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    if ending.startswith("refused"):
+        _one_error_line(run.stderr)
