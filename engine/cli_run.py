@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import cli
 from .cli_common import add_store_arg
-from .errors import DuplicateCellIds, RunbookError
+from .errors import DuplicateCellIds, OutputNotWritten, RunbookError
 from .factory import canonical_location, default_store_path, split_location
 from .keys import new_instance_id, validate_instance_id
 from .notebook_ids import NotebookError, assign_ids, missing_ids, read_json
@@ -299,6 +299,7 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
     message = ""
     refused: RunbookError | None = None
     attach_refused: AttachRefused | None = None
+    unwritten: OutputNotWritten | None = None
     try:
         code = client.run()
     except _StoreRefused as exc:
@@ -320,7 +321,10 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
                 "exit_code": code,
                 "parameters": params,
             }
-            write_notebook(nb, output)
+            try:
+                write_notebook(nb, output)
+            except OutputNotWritten as exc:
+                unwritten = exc  # said after the run's own lines; the store has the run
     if refused is not None:
         raise refused  # nothing ran and nothing was written, as when the store refused up front
     if attach_refused is not None:
@@ -337,9 +341,12 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
             file=sys.stderr,
         )
     summary = f"ran {progress.ran}, skipped {progress.skipped} of {progress.total} cells"
+    if unwritten is not None:
+        print(f"nbrunbook: error: {unwritten}", file=sys.stderr)
+        code = code or cli.EXIT_FAILED
     print(
         f"nbrunbook: instance {instance}: {'done' if code == 0 else f'stopped (exit {code})'}; {summary}; "
-        f"output {output}",
+        f"output {output if unwritten is None else 'not written'}",
         file=sys.stderr,
     )
     return code

@@ -12,7 +12,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from .errors import StoreError, StoreLocked, StoreVersionError
+from .errors import StoreError, StoreLocked, StoreVersionError, is_disk_full, store_write_error
 from .schema import CURRENT_VERSION, MIGRATIONS, VERSION_TABLE
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ def _translate(path: str, exc: Exception) -> StoreError:
     holder = _describe_lock(message)
     if holder:
         return StoreLocked(path, holder)
+    if is_disk_full(exc):
+        return store_write_error(path, exc, "cannot open the database")
     if "not a valid DuckDB database" in message:
         return StoreError(path, "not a DuckDB database file (left untouched)")
     return StoreError(path, f"cannot open the database: {message.splitlines()[0]} (left untouched)")
@@ -104,13 +106,21 @@ def open_database(path: str) -> duckdb.DuckDBPyConnection:
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             # The default store directory is private to the user (DESIGN.md §11).
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise store_write_error(path, exc, "cannot create the store's directory") from None
     try:
         con = duckdb.connect(path, config=DUCKDB_CONFIG)
     except duckdb.Error as exc:
         raise _translate(path, exc) from None
     try:
         migrate(con, path)
+    except duckdb.Error as exc:
+        con.close()
+        if is_disk_full(exc):
+            raise store_write_error(path, exc, "cannot create the store's tables") from None
+        raise
     except BaseException:
         con.close()
         raise

@@ -15,6 +15,7 @@ DESIGN.md §6.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from nbclient.exceptions import CellExecutionError, DeadKernelError
 from nbclient.util import run_sync
 
 from . import cli
+from .errors import OutputNotWritten
 from .kernel import MetadataKernelClient, RunbookKernelManager
 
 #: Guard refusals (the engine error class names) -> exit codes.
@@ -251,6 +253,11 @@ def write_notebook(nb: t.Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        nbformat.write(nb, fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            nbformat.write(nb, fh)
+        os.replace(tmp, path)
+    except (OSError, UnicodeError) as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # never a stray half-written temp file (a full disk, say)
+        raise OutputNotWritten(path, exc) from None

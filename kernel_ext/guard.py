@@ -49,6 +49,7 @@ from nbrunbook.engine.errors import (
     StepBusy,
     StepFenced,
     StepInterrupted,
+    StoreUnavailable,
 )
 from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
@@ -177,6 +178,20 @@ def _pending_call(token: int) -> ast.Module:
         **loc,
     )
     return ast.Module(body=[ast.Expr(value=call, **loc)], type_ignores=[])
+
+
+def _lost_outcome(session: Session) -> StoreUnavailable | None:
+    """The store's error that kept an outcome of this session from being recorded, if any."""
+    if isinstance(session.lost_outcome, StoreUnavailable):
+        return session.lost_outcome
+    for fut, _ in session.pending:
+        try:
+            exc = fut.exception(timeout=30)
+        except TimeoutError:
+            continue
+        if isinstance(exc, StoreUnavailable):
+            return exc
+    return None
 
 
 class _Transformer(ast.NodeTransformer):
@@ -452,7 +467,10 @@ class Guard:
                         target = session.retarget(target)
                         continue
                 missing = [session.label(p) for p in claim.missing]
-                frame.error = _render(OrderViolation(iid, target.label, missing))
+                # An earlier cell still "running" may be one whose outcome the store could not take
+                # (a full disk that has room again): that is the error to show, not the order.
+                lost = _lost_outcome(session)
+                frame.error = _render(lost or OrderViolation(iid, target.label, missing))
                 return
             raise RuntimeError(f"unexpected claim outcome {outcome!r}")
 

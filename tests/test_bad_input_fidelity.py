@@ -9,11 +9,14 @@ append to.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -309,3 +312,69 @@ def test_the_kernel_process_stderr_never_reaches_the_terminal(tmp_path: Path, en
     assert "KERNEL-NOISE" not in run.stderr and "Traceback" not in run.stderr, run.stderr
     if ending.startswith("refused"):
         _one_error_line(run.stderr)
+
+
+# ------------------------------------------------------------------- a full disk
+
+# Fills the disk the store is on (64 KiB, then 4 KiB, then 1-byte writes until ENOSPC), then
+# prints 256 KiB: the cell's outcome (its outputs are recorded) cannot fit in the store.
+FILL = (
+    "fd = os.open(FILLER, os.O_WRONLY | os.O_CREAT)\n"
+    "for size in (65536, 4096, 1):\n"
+    "    try:\n"
+    "        while True:\n"
+    "            os.write(fd, b'x' * size)\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "os.close(fd)\n"
+    "print('y' * 262144)\n"
+)
+
+
+@contextlib.contextmanager
+def _small_disk(where: Path, size: str = "8m") -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``where`` (the CI machine runs the suite as root)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs (needs root): {mounted.stderr!r}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "server"])
+def test_a_full_disk_is_the_store_unavailable_exit_4_saying_so(tmp_path: Path, kind: str) -> None:
+    effects = tmp_path / "effects.jsonl"
+    with _small_disk(tmp_path / "disk") as disk:
+        filler, store = disk / "filler", disk / "store.duckdb"
+        nb = write_notebook(
+            tmp_path / "full.ipynb",
+            [
+                ("setup", f"import json, os\nEFFECTS = {str(effects)!r}\nFILLER = {str(filler)!r}", []),
+                ("a", effect_cell("print('a ran')\n"), []),
+                ("fill", effect_cell(FILL), []),
+                ("b", effect_cell("print('b ran')\n"), []),
+            ],
+        )
+        spec = f"{kind}:{store}"
+        try:
+            run = cli("run", str(nb), "-i", "full", "--store", spec, "--no-progress", cwd=tmp_path)
+            assert run.code == 4, run.stderr
+            errors = [ln for ln in run.stderr.splitlines() if "rror" in ln]
+            assert errors and all("the disk is full" in ln for ln in errors), run.stderr
+            assert "OrderViolation" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+            # The output notebook beside the store did not fit either: said, and no temp file left.
+            assert "cannot write the output notebook" in run.stderr and "output not written" in run.stderr
+            assert not [p for p in disk.rglob("*") if ".tmp-" in p.name]
+            ran = [json.loads(line)["step_key"] for line in effects.read_text().splitlines()]
+            assert ran == ["cell/a@1", "cell/fill@1"]  # b never started
+            # Room again: the resume never repeats a step; fill's lost outcome is a decision (exit 5).
+            filler.unlink()
+            stop_all(os.environ["NBRUNBOOK_RUNTIME_DIR"])
+            again = cli("run", str(nb), "-i", "full", "--store", spec, "--no-progress", cwd=tmp_path)
+            assert again.code in (0, 5), again.stderr
+            ran = [json.loads(line)["step_key"] for line in effects.read_text().splitlines()]
+            assert len(ran) == len(set(ran)), ran
+        finally:
+            stop_all(os.environ["NBRUNBOOK_RUNTIME_DIR"])  # the server holds the file on the tmpfs
