@@ -7,13 +7,43 @@ nbformat, pyarrow or ipywidgets; the store opens at ``%runbook start`` /
 
 from __future__ import annotations
 
+import re
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .guard import Guard
 
 _GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
 _MAGICS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_QUIET: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+
+#: The module name ``%load_ext`` is given (IPython's ExtensionManager keys its ``loaded`` set by it).
+MODULE = "nbrunbook"
+# `%load_ext nbrunbook` or run_line_magic('load_ext', 'nbrunbook') - not %unload_ext / %reload_ext.
+_LOAD_EXT = re.compile(r"(?<![\w])load_ext['\"]?[\s,]+['\"]?nbrunbook(?![\w.])")
+
+
+def _quiet_repeated_load(shell: Any) -> Callable[[Any], None]:
+    """A pre_run_cell hook that makes re-running the start cell's ``%load_ext nbrunbook`` silent.
+
+    IPython's ``%load_ext`` prints "The nbrunbook extension is already loaded.
+    To reload it, use: %reload_ext nbrunbook" for a name in its ``loaded`` set,
+    and a start cell is run again on every resume. Just before such a cell
+    runs, the name leaves the set: IPython then calls our (idempotent) load
+    function, which finds the hooks installed and does nothing, and puts the
+    name back. ``%unload_ext`` / ``%reload_ext`` keep working.
+    """
+
+    def hook(info: Any) -> None:
+        raw = getattr(info, "raw_cell", None)
+        if isinstance(raw, str) and "load_ext" in raw and _LOAD_EXT.search(raw):
+            manager = getattr(shell, "extension_manager", None)
+            loaded = getattr(manager, "loaded", None)
+            if isinstance(loaded, set):
+                loaded.discard(MODULE)
+
+    return hook
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -28,12 +58,21 @@ def load_ipython_extension(shell: Any) -> None:
     shell.register_magics(magics)
     _GUARDS[shell] = guard
     _MAGICS[shell] = magics
+    quiet = _quiet_repeated_load(shell)
+    shell.events.register("pre_run_cell", quiet)
+    _QUIET[shell] = quiet
 
 
 def unload_ipython_extension(shell: Any) -> None:
     """Remove the guard's hooks, the magics and the config entry; detach the instance."""
     guard = _GUARDS.pop(shell, None)
     magics = _MAGICS.pop(shell, None)
+    quiet = _QUIET.pop(shell, None)
+    if quiet is not None:
+        try:
+            shell.events.unregister("pre_run_cell", quiet)
+        except ValueError:
+            pass
     if guard is not None:
         guard.unregister()
     if magics is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from helpers.kernels import Kernels, kernels_fixture, start_code  # noqa: F401 - fixtures
 from helpers.runbooks import cli, effect_cell, read_output, start_cli, write_notebook
 from nbrunbook.engine.embedded import EmbeddedStore
 from nbrunbook.engine.launch import stop_all
@@ -378,3 +379,50 @@ def test_a_full_disk_is_the_store_unavailable_exit_4_saying_so(tmp_path: Path, k
             assert len(ran) == len(set(ran)), ran
         finally:
             stop_all(os.environ["NBRUNBOOK_RUNTIME_DIR"])  # the server holds the file on the tmpfs
+
+
+# ------------------------------------------ in a kernel: the start cell again, unsaved handles
+
+
+def test_rerunning_the_start_cell_is_quiet_and_unsaved_handles_get_rebuild_advice(
+    kernels: Kernels, tmp_path: Path
+) -> None:
+    nb = tmp_path / "handles.ipynb"
+    store = tmp_path / "store.duckdb"
+    start = "#| runbook: always\n" + start_code(nb, store, instance="H1")
+    opened = (
+        "import os, socket\n"
+        "fh = open(os.devnull, 'w')\n"
+        "sock = socket.socket()\n"
+        "count = 3\n"
+        "class Plain:\n    pass\n"
+        "plain = Plain()\n"
+    )
+    explicit = "#| runbook: save=log\nlog = open(os.devnull, 'w')\n"
+    write_notebook(nb, [("start", start, []), ("open", opened, []), ("explicit", explicit, [])])
+    k = kernels.start()
+    first = [k.execute(start, cell_id="start").ok(), k.execute(opened, cell_id="open").ok()]
+    saved_now = k.execute(explicit, cell_id="explicit").ok()
+    # save= of an open file: named, with the rebuild advice, never "pickle" for it.
+    assert "cannot record 'log'" in saved_now.stderr and "runbook: always" in saved_now.stderr, saved_now.stderr
+    assert "opt in to pickle" not in saved_now.stderr and ":pickle" not in saved_now.stderr, saved_now.stderr
+    # The start cell again (every resume does it): no "already loaded ... %reload_ext" noise.
+    again = k.execute(start, cell_id="start").ok()
+    texts = "".join(o.get("text", "") for r in [*first, again] for o in r.outputs)
+    assert "already loaded" not in texts and "reload_ext" not in texts, texts
+    k.execute("del fh, sock, count, plain").ok()
+    skipped = k.execute(opened, cell_id="open").ok()
+    (line,) = skipped.status_lines
+    assert "restored count" in line, line
+    assert (
+        "not restored: fh, sock (open resources, which cannot be saved: "
+        "re-create them in a cell marked `#| runbook: always`)" in line
+    ), line
+    assert "plain (" in line and "save=plain:pickle" in line, line  # plain data may be pickled
+    assert "save=fh" not in line and "save=sock" not in line, line
+    # %unload_ext still unloads (IPython still knows the extension is loaded), %load_ext loads again.
+    unloaded = k.execute("%unload_ext nbrunbook").ok()
+    assert unloaded.outputs == [], unloaded.outputs
+    assert "not found" in k.execute("%runbook status").error_text
+    reloaded = k.execute("%load_ext nbrunbook").ok()
+    assert reloaded.outputs == [] and k.execute("%runbook status").ename == "UsageError"
