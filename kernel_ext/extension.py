@@ -16,7 +16,6 @@ from .guard import Guard
 
 _GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
 _MAGICS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-_QUIET: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 
 #: The module name ``%load_ext`` is given (IPython's ExtensionManager keys its ``loaded`` set by it).
 MODULE = "nbrunbook"
@@ -25,7 +24,7 @@ _LOAD_EXT = re.compile(r"(?<![\w])load_ext['\"]?[\s,]+['\"]?nbrunbook(?![\w.])")
 
 
 def _quiet_repeated_load(shell: Any) -> Callable[[Any], None]:
-    """A pre_run_cell hook that makes re-running the start cell's ``%load_ext nbrunbook`` silent.
+    """A pre-cell step (the guard's ``before_cell``): re-running ``%load_ext nbrunbook`` is silent.
 
     IPython's ``%load_ext`` prints "The nbrunbook extension is already loaded.
     To reload it, use: %reload_ext nbrunbook" for a name in its ``loaded`` set,
@@ -58,21 +57,13 @@ def load_ipython_extension(shell: Any) -> None:
     shell.register_magics(magics)
     _GUARDS[shell] = guard
     _MAGICS[shell] = magics
-    quiet = _quiet_repeated_load(shell)
-    shell.events.register("pre_run_cell", quiet)
-    _QUIET[shell] = quiet
+    guard.before_cell = _quiet_repeated_load(shell)
 
 
 def unload_ipython_extension(shell: Any) -> None:
     """Remove the guard's hooks, the magics and the config entry; detach the instance."""
     guard = _GUARDS.pop(shell, None)
     magics = _MAGICS.pop(shell, None)
-    quiet = _QUIET.pop(shell, None)
-    if quiet is not None:
-        try:
-            shell.events.unregister("pre_run_cell", quiet)
-        except ValueError:
-            pass
     if guard is not None:
         guard.unregister()
     if magics is not None:

@@ -217,6 +217,8 @@ class Guard:
         self._stack: list[Frame] = []
         self._next: Frame | None = None
         self._registered = False
+        #: Called first in every pre_run_cell, attached or not (set by the extension): one hook, not two.
+        self.before_cell: Callable[[Any], None] | None = None
 
     # --------------------------------------------------------- registration
 
@@ -295,6 +297,8 @@ class Guard:
 
     def pre_run_cell(self, info: Any) -> None:
         """Decide claim / skip / wait / refuse before the cell's code runs."""
+        if self.before_cell is not None:
+            self.before_cell(info)  # the extension's own pre-cell work (a quiet repeated %load_ext)
         session = self.session
         if session is None:
             return
