@@ -133,7 +133,9 @@ def test_embedded_and_server_racing_on_one_file_never_both_run_a_step(tmp_path: 
             assert lines == [lines[0]] and "held by another process" in lines[0], stderr
     ran = _effects(effects)
     assert all(n == 1 for n in ran.values()), ran  # never both
-    # Whatever the race left, a later run (either spelling) finishes the instance without repeating a step.
+    # Whatever the race left, a later run (either spelling) finishes the instance without repeating a step;
+    # a store server the race started holds the file until it idles out, so stop it first.
+    stop_server(store)
     final = cli("run", str(nb), "-i", "race", "--store", pair[1].format(**names), "--no-progress", cwd=tmp_path)
     assert final.code == 0, final.stderr
     ran = _effects(effects)
