@@ -31,18 +31,39 @@ _LOCK_RE = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 _DUCKDB_MAGIC = b"DUCK"
 
 
-def _describe_lock(message: str) -> str | None:
+def _describe_lock(message: str, path: str = "") -> str | None:
     if "Could not set lock" not in message:
         return None
     m = _LOCK_RE.search(message)
     if m:
-        return f"PID {m.group(2)} ({m.group(1)})"
+        pid = int(m.group(2))
+        if path and pid == _server_pid(path):
+            # The usual case when one store is opened `embedded:` while its server still runs.
+            return (
+                f"PID {pid}, the store server of this file (open it without `embedded:`, or stop the "
+                f"server: nbrunbook server stop --store {path})"
+            )
+        return f"PID {pid} ({m.group(1)})"
     return "an unknown process"
+
+
+def _server_pid(path: str) -> int | None:
+    """The pid of the store server that owns ``path`` (per its lock file), if one runs."""
+    from . import protocol
+
+    try:
+        paths = protocol.server_paths(path)
+        if not protocol.lock_held(paths):
+            return None
+        pid = protocol.read_lock_info(paths).get("pid")
+    except (OSError, StoreError):
+        return None
+    return pid if isinstance(pid, int) else None
 
 
 def _translate(path: str, exc: Exception) -> StoreError:
     message = str(exc)
-    holder = _describe_lock(message)
+    holder = _describe_lock(message, path)
     if holder:
         return StoreLocked(path, holder)
     if is_disk_full(exc):

@@ -88,6 +88,13 @@ def test_runs_spelling_one_store_differently_share_it(tmp_path: Path) -> None:
         assert "ran 0, skipped 4 of 5 cells" in again.stderr, (args, env, again.stderr)
         assert f"output {tmp_path / 'data' / 'out'}" in again.stderr  # beside the one store file
     assert set(_effects(effects).values()) == {1} and len(_effects(effects)) == len(STEPS)
+    # While the store server holds the file, an in-process spelling is refused, and told why and what to do.
+    assert cli("server", "start", "--store", "link/store.duckdb", cwd=tmp_path).code == 0
+    held = cli("run", str(nb), "-i", "same", "--store", "embedded:data/store.duckdb", "--no-progress", cwd=tmp_path)
+    assert held.code == 4, held.stderr
+    assert held.lines == [held.lines[0]] and "the store server of this file" in held.lines[0], held.stderr
+    assert f"nbrunbook server stop --store {store}" in held.lines[0]
+    stop_server(store)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "effects.jsonl", "link", "rb.ipynb"]
 
 
