@@ -5,6 +5,13 @@ no change anywhere: the notebook, the store (absent stays absent, present
 stays byte-identical), the output notebook of an earlier run, and no stray
 temp file. The oracle for "nothing ran twice" is the effects file the cells
 append to.
+
+Faults are real: a second run waiting on the first one's claim (released
+from inside the waiting kernel once it is in the store's wait), a disk that
+fills up during the run (a tmpfs mounted for the test), a kernel that
+writes to its process's stderr, the runtime directories after every kind
+of ending. The last test drives a real kernel the way JupyterLab does (the
+start cell run again, skipped cells with values that cannot be saved).
 """
 
 from __future__ import annotations
