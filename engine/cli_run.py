@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import cli
 from .cli_common import add_store_arg
-from .errors import DuplicateCellIds, RunbookError
-from .factory import default_store_path
+from .errors import DuplicateCellIds, OutputNotWritten, RunbookError
+from .factory import canonical_location, default_store_path, split_location
 from .keys import new_instance_id, validate_instance_id
 from .notebook_ids import NotebookError, derive_for_run, read_json
 from .params import collect, inject
@@ -216,8 +216,11 @@ def check(args: argparse.Namespace) -> Checked:
     args.kernel = kernel
     if args.cwd is not None and not os.path.isdir(args.cwd):
         raise NotebookError(args.cwd, "--cwd is not a directory")
+    # One spelling per store (prefix kept, file made real): two runs naming one
+    # store differently must share it, and the kernel gets a cwd-free name.
+    args.store = canonical_location(args.store or default_store_path(os.path.dirname(path)))
     # Last, once every input is good: it may read the store for the instance's pinned ids.
-    derived = derive_for_run(raw, args.notebook, args.store or default_store_path(os.path.dirname(path)), args.instance)
+    derived = derive_for_run(raw, args.notebook, args.store, args.instance)
     return Checked(raw, path, params, derived, os.path.abspath(args.cwd or os.path.dirname(path)))
 
 
@@ -283,15 +286,15 @@ def _run_checked(args: argparse.Namespace, checked: Checked) -> int:
 
 def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> int:
     """Run the validated notebook on the started kernel ``km``: one advance of the instance."""
-    from .runner import KernelStartFailed, RunbookClient, RunnerError, write_notebook  # imports while it boots
+    from .runner import AttachRefused, KernelStartFailed, RunbookClient, RunnerError, write_notebook  # while it boots
 
     path, params, derived = checked.path, checked.params, checked.derived
     if derived:
         print(f"nbrunbook: {derived}", file=sys.stderr)
     instance = args.instance or new_instance_id()
     runbook = os.path.splitext(os.path.basename(path))[0]
-    store = os.path.abspath(args.store or default_store_path(os.path.dirname(path)))
-    output = args.output or os.path.join(os.path.dirname(store), "out", runbook, f"{instance}.ipynb")
+    store = args.store  # canonical, see check()
+    output = args.output or os.path.join(os.path.dirname(split_location(store)[1]), "out", runbook, f"{instance}.ipynb")
     options = {
         "mode": "headless",
         "on_changed": args.on_changed,
@@ -347,19 +350,23 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
     message = ""
     resolve: str | None = None
     refused: RunbookError | KernelStartFailed | None = None
+    attach_refused: AttachRefused | None = None
+    unwritten: OutputNotWritten | None = None
     try:
         code = client.run()
     except _StoreRefused as exc:
         refused = exc.error
     except KernelStartFailed as exc:
         refused = exc  # no cell ran: no output, no summary
+    except AttachRefused as exc:
+        attach_refused = exc  # nothing ran: no file changes (an earlier run's output stays as it was)
     except RunnerError as exc:
         code, message, resolve = exc.code, exc.message, exc.resolve
     except RunbookError as exc:
         code, message = cli.exit_code_for(exc), str(exc)
     finally:
         progress.close()
-        if refused is None:
+        if refused is None and attach_refused is None:
             nb = client.nb
             _step_metadata(nb, store, instance)
             nb.metadata["nbrunbook"] = {
@@ -369,13 +376,19 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
                 "parameters": params,
                 **_run_notes(client),
             }
-            write_notebook(nb, output)
+            try:
+                write_notebook(nb, output)
+            except OutputNotWritten as exc:
+                unwritten = exc  # said after the run's own lines; the store has the run
     if isinstance(refused, KernelStartFailed):
         print(f"nbrunbook: {refused.message}", file=sys.stderr)
         return refused.code
     if refused is not None:
         raise refused  # nothing ran and nothing was written, as when the store refused up front
-    store_arg = f" --store {store}" if args.store else ""
+    if attach_refused is not None:
+        print(f"nbrunbook: error: {attach_refused.message}", file=sys.stderr)
+        return attach_refused.code
+    store_arg = f" --store {store}"  # the default store is beside the notebook, not in the cwd
     if resolve is not None:
         # Cut off by a timeout or a signal: the advice belongs to the same line.
         message += f": decide with nbrunbook resolve {instance} {resolve} --rerun|--done|--skip{store_arg}"
@@ -389,7 +402,14 @@ def _advance(args: argparse.Namespace, checked: Checked, nb: Any, km: Any) -> in
             file=sys.stderr,
         )
     summary = f"ran {progress.ran}, skipped {progress.skipped} of {progress.total} cells"
-    print(f"nbrunbook: instance {instance}: {_how_it_ended(client, code)}; {summary}; output {output}", file=sys.stderr)
+    if unwritten is not None:
+        print(f"nbrunbook: error: {unwritten}", file=sys.stderr)
+        code = code or cli.EXIT_FAILED
+    ended = _how_it_ended(client, code)
+    print(
+        f"nbrunbook: instance {instance}: {ended}; {summary}; output {output if unwritten is None else 'not written'}",
+        file=sys.stderr,
+    )
     return code
 
 

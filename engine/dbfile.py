@@ -12,7 +12,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from .errors import StoreError, StoreLocked, StoreVersionError
+from .errors import StoreError, StoreLocked, StoreVersionError, is_disk_full, store_write_error
 from .schema import CURRENT_VERSION, MIGRATIONS, VERSION_TABLE
 
 if TYPE_CHECKING:
@@ -31,20 +31,43 @@ _LOCK_RE = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 _DUCKDB_MAGIC = b"DUCK"
 
 
-def _describe_lock(message: str) -> str | None:
+def _describe_lock(message: str, path: str = "") -> str | None:
     if "Could not set lock" not in message:
         return None
     m = _LOCK_RE.search(message)
     if m:
-        return f"PID {m.group(2)} ({m.group(1)})"
+        pid = int(m.group(2))
+        if path and pid == _server_pid(path):
+            # The usual case when one store is opened `embedded:` while its server still runs.
+            return (
+                f"PID {pid}, the store server of this file (open it without `embedded:`, or stop the "
+                f"server: nbrunbook server stop --store {path})"
+            )
+        return f"PID {pid} ({m.group(1)})"
     return "an unknown process"
+
+
+def _server_pid(path: str) -> int | None:
+    """The pid of the store server that owns ``path`` (per its lock file), if one runs."""
+    from . import protocol
+
+    try:
+        paths = protocol.server_paths(path)
+        if not protocol.lock_held(paths):
+            return None
+        pid = protocol.read_lock_info(paths).get("pid")
+    except (OSError, StoreError):
+        return None
+    return pid if isinstance(pid, int) else None
 
 
 def _translate(path: str, exc: Exception) -> StoreError:
     message = str(exc)
-    holder = _describe_lock(message)
+    holder = _describe_lock(message, path)
     if holder:
         return StoreLocked(path, holder)
+    if is_disk_full(exc):
+        return store_write_error(path, exc, "cannot open the database")
     if "not a valid DuckDB database" in message:
         return StoreError(path, "not a DuckDB database file (left untouched)")
     return StoreError(path, f"cannot open the database: {message.splitlines()[0]} (left untouched)")
@@ -104,13 +127,21 @@ def open_database(path: str) -> duckdb.DuckDBPyConnection:
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             # The default store directory is private to the user (DESIGN.md §11).
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise store_write_error(path, exc, "cannot create the store's directory") from None
     try:
         con = duckdb.connect(path, config=DUCKDB_CONFIG)
     except duckdb.Error as exc:
         raise _translate(path, exc) from None
     try:
         migrate(con, path)
+    except duckdb.Error as exc:
+        con.close()
+        if is_disk_full(exc):
+            raise store_write_error(path, exc, "cannot create the store's tables") from None
+        raise
     except BaseException:
         con.close()
         raise

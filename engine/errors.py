@@ -11,6 +11,7 @@ derive from ``BaseException`` instead.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 
@@ -52,7 +53,46 @@ class StoreLocked(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The store server cannot be reached or started."""
+    """The store cannot be reached, started or written (the server is gone, the disk is full)."""
+
+
+#: How DuckDB, SQLite-style libraries and the OS word a full disk (DuckDB keeps no errno).
+_DISK_FULL = ("no space left on device", "disk is full", "disk full", "not enough space on the disk")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is the disk being full (ENOSPC, EDQUOT)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(current).lower() for words in _DISK_FULL):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def store_write_error(path: str, exc: BaseException, doing: str = "commit failed") -> StoreError:
+    """The error for a failed write to the store at ``path``.
+
+    A full disk is the store being unavailable (exit 4), said in words a
+    person acts on; anything else is ``doing`` with the library's first line.
+    """
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if is_disk_full(exc):
+        return StoreUnavailable(path, f"the disk is full: {doing} ({detail}); free space, then run again")
+    return StoreError(path, f"{doing}: {detail}")
+
+
+class OutputNotWritten(RunbookError):
+    """The output notebook could not be written (the run itself is recorded in the store)."""
+
+    def __init__(self, path: str, exc: BaseException) -> None:
+        self.path = path
+        self.reason = "the disk is full" if is_disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
+        super().__init__(f"cannot write the output notebook {path}: {self.reason}")
 
 
 class ProtocolError(StoreError):

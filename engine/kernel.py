@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import typing as t
 
 from jupyter_client.asynchronous import AsyncKernelClient
@@ -98,6 +99,53 @@ class RunbookKernelManager(AsyncKernelManager):
         if prefix is not None:
             self.transport = "ipc"
             self.ip = prefix
+        self.stderr_file: t.IO[bytes] | None = None
+
+    async def _async_start_kernel(self, **kw: t.Any) -> None:
+        """Start the kernel with its process's stderr in an anonymous file (see :func:`kernel_stderr`).
+
+        The kernel's own stderr is its log (cell output reaches the notebook
+        over IOPub, fd-level writes included): shown on the terminal it is
+        noise at best - "KeyboardInterrupt caught in kernel" when jupyter_client
+        interrupts it on shutdown - and at worst a 30-line ZMQ traceback under
+        a one-line refusal, when a kernel started alongside a refused run is
+        torn down while still sending. It is kept for whoever needs it (a
+        kernel that died) instead. The file has no name: nothing is left behind.
+        """
+        if "stderr" not in kw:
+            if self.stderr_file is None:
+                self.stderr_file = tempfile.TemporaryFile()
+            kw["stderr"] = self.stderr_file
+        await super()._async_start_kernel(**kw)
+
+    # jupyter_client binds its public names to the private coroutines the same way.
+    start_kernel: t.Callable[..., t.Awaitable[None]] = _async_start_kernel
+
+    async def _async_cleanup_resources(self, restart: bool = False) -> None:
+        """jupyter_client's cleanup, and the stderr file once the kernel is gone for good.
+
+        Overrides the private name because ``shutdown_kernel`` calls it, not ``cleanup_resources``.
+        """
+        await super()._async_cleanup_resources(restart=restart)
+        if not restart and self.stderr_file is not None:
+            self.stderr_file.close()
+            self.stderr_file = None
+
+    cleanup_resources: t.Callable[..., t.Awaitable[None]] = _async_cleanup_resources
+
+
+def kernel_stderr(km: RunbookKernelManager, limit: int = 4000) -> str:
+    """The last ``limit`` characters the kernel process wrote to its stderr ("" once cleaned up)."""
+    fh = km.stderr_file
+    if fh is None or fh.closed:
+        return ""
+    try:
+        fh.flush()
+        size = os.fstat(fh.fileno()).st_size
+        data = os.pread(fh.fileno(), limit * 4, max(0, size - limit * 4))
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace")[-limit:]
 
 
 def start_early(kernel_name: str, cwd: str) -> RunbookKernelManager:

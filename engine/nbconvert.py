@@ -64,7 +64,7 @@ class RunbookPreprocessor(Preprocessor):
         typed = {k: v for k, v in self.parameters.items() if not isinstance(v, str)}
         prepared, path, params, _ = cli_run.prepare(args)
         params.update(typed)
-        store = os.path.abspath(args.store or cli_run.default_store_path(os.path.dirname(path)))
+        store = args.store  # canonical: cli_run.check made it so
         instance = self.instance or cli_run.new_instance_id()
         stored = cli_run._stored_params(store, self.instance or None)
         executed = cli_run.inject(prepared, stored if (stored is not None and not params) else params)

@@ -57,8 +57,53 @@ def _check_name(name: str) -> str:
     return name
 
 
+#: Deepest nesting a parameter value may have: the injected cell is Python source,
+#: and CPython's parser refuses ~200 nested brackets; nobody's parameters go near 100.
+MAX_DEPTH = 100
+#: Most values (every list item, map key and value counted) one parameter may expand to.
+#: YAML aliases share objects, so a few lines can name billions of values ("billion laughs").
+MAX_VALUES = 100_000
+
+
+def _check_shape(name: str, value: Any) -> None:
+    """Refuse values too deep, too big once aliases are expanded, or holding text that is not Unicode.
+
+    Iterative, with a budget: it stops at the first problem instead of
+    recursing (RecursionError) or expanding an alias bomb (hours, gigabytes).
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]  # a flat list is one level deep
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise BadParameter(name, f"expands to more than {MAX_VALUES:,} values (YAML aliases or a cycle?)")
+        if depth > MAX_DEPTH:
+            raise BadParameter(name, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, str):
+            _check_text(name, item)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                stack.append((key, depth + 1))
+                stack.append((sub, depth + 1))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((sub, depth + 1) for sub in item)
+
+
+def _check_text(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate: undecodable bytes from argv (surrogateescape) or a "\ud800" escape in
+        # YAML. It cannot be written to a notebook or a store as UTF-8.
+        raise BadParameter(
+            name, f"not valid Unicode text (lone surrogate {text[exc.start]!a} at position {exc.start})"
+        ) from None
+
+
 def _plain(name: str, value: Any) -> Any:
     """Parameters are fixed per instance and compared on resume: plain JSON data only."""
+    _check_shape(name, value)
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         raise BadParameter(name, f"{value!r} cannot be a fixed parameter value (not comparable)")
     try:
@@ -79,6 +124,9 @@ def _yaml_mapping(text: str, source: str) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BadParameter(source, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        # PyYAML's composer recurses once per nesting level.
+        raise BadParameter(source, f"nested more than {MAX_DEPTH} levels deep") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -103,11 +151,15 @@ def collect(
                 text = fh.read()
         except OSError as exc:
             raise BadParameter(path, f"cannot read the parameters file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise BadParameter(path, f"the parameters file is not UTF-8 text (byte {exc.start})") from None
         out.update(_yaml_mapping(text, path))
     for name, value in raw:
         out[name] = value
     for name, value in typed:
         out[name] = resolve_type(value)
+    for k in out:
+        _check_text(repr(k), k)  # before the name check, so the message can show it
     return {_check_name(k): _plain(k, v) for k, v in out.items()}
 
 

@@ -23,6 +23,7 @@ or SIGTERM interrupts the kernel (:mod:`.run_signals`): the cut-off step is
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from nbclient.exceptions import DeadKernelError
 from nbclient.util import run_sync
 
 from . import cli
+from .errors import OutputNotWritten
 from .kernel import MetadataKernelClient, RunbookKernelManager
 
 if t.TYPE_CHECKING:
@@ -94,6 +96,13 @@ class RunnerError(Exception):
 
 class KernelStartFailed(RunnerError):
     """The kernel died before it answered: nothing ran, so nothing is written."""
+
+
+class AttachRefused(RunnerError):
+    """The instance refused this run before any cell ran (other parameters, another runbook, its store).
+
+    Nothing ran, so the run changes no file: no output notebook is written.
+    """
 
 
 def _error_line(evalue: str | None) -> str:
@@ -183,7 +192,7 @@ class RunbookClient(NotebookClient):
         reply = await self._run_silently(code)
         if reply.get("status") != "ok":
             ename = str(reply.get("ename", "Error"))
-            raise RunnerError(
+            raise AttachRefused(
                 EXIT_FOR_ENAME.get(ename, cli.EXIT_FAILED), f"{ename}: {_error_line(reply.get('evalue'))}"
             )
         await self._run_silently("del __nbrunbook_attached")
@@ -412,6 +421,11 @@ def write_notebook(nb: t.Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        nbformat.write(nb, fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            nbformat.write(nb, fh)
+        os.replace(tmp, path)
+    except (OSError, UnicodeError) as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # never a stray half-written temp file (a full disk, say)
+        raise OutputNotWritten(path, exc) from None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import machine, model
-from .errors import InstanceNotFound, RunbookError, StoreError
+from .errors import InstanceNotFound, RunbookError, StoreError, store_write_error
 from .faults import crashpoint
 from .machine import NewEvent, Row
 
@@ -494,7 +494,7 @@ class Writer:
                         op.future = _refresh(op.future)
                         self._execute([op])
                     return
-                err = StoreError(self.path, f"commit failed: {str(exc).splitlines()[0]}")
+                err = store_write_error(self.path, exc)  # a full disk: StoreUnavailable, exit 4
                 for op, _, _ in results:
                     op.future.set_exception(err)
                 return

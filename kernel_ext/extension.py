@@ -7,13 +7,42 @@ nbformat, pyarrow or ipywidgets; the store opens at ``%runbook start`` /
 
 from __future__ import annotations
 
+import re
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .guard import Guard
 
 _GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
 _MAGICS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+#: The module name ``%load_ext`` is given (IPython's ExtensionManager keys its ``loaded`` set by it).
+MODULE = "nbrunbook"
+# `%load_ext nbrunbook` or run_line_magic('load_ext', 'nbrunbook') - not %unload_ext / %reload_ext.
+_LOAD_EXT = re.compile(r"(?<![\w])load_ext['\"]?[\s,]+['\"]?nbrunbook(?![\w.])")
+
+
+def _quiet_repeated_load(shell: Any) -> Callable[[Any], None]:
+    """A pre-cell step (the guard's ``before_cell``): re-running ``%load_ext nbrunbook`` is silent.
+
+    IPython's ``%load_ext`` prints "The nbrunbook extension is already loaded.
+    To reload it, use: %reload_ext nbrunbook" for a name in its ``loaded`` set,
+    and a start cell is run again on every resume. Just before such a cell
+    runs, the name leaves the set: IPython then calls our (idempotent) load
+    function, which finds the hooks installed and does nothing, and puts the
+    name back. ``%unload_ext`` / ``%reload_ext`` keep working.
+    """
+
+    def hook(info: Any) -> None:
+        raw = getattr(info, "raw_cell", None)
+        if isinstance(raw, str) and "load_ext" in raw and _LOAD_EXT.search(raw):
+            manager = getattr(shell, "extension_manager", None)
+            loaded = getattr(manager, "loaded", None)
+            if isinstance(loaded, set):
+                loaded.discard(MODULE)
+
+    return hook
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -28,6 +57,7 @@ def load_ipython_extension(shell: Any) -> None:
     shell.register_magics(magics)
     _GUARDS[shell] = guard
     _MAGICS[shell] = magics
+    guard.before_cell = _quiet_repeated_load(shell)
 
 
 def unload_ipython_extension(shell: Any) -> None:

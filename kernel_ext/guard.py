@@ -52,6 +52,7 @@ from nbrunbook.engine.errors import (
     StepBusy,
     StepFenced,
     StepInterrupted,
+    StoreUnavailable,
 )
 from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import GUARDED, PARAMETERS, Claim, ClaimOutcome
@@ -187,6 +188,20 @@ def _pending_call(token: int) -> ast.Module:
     return ast.Module(body=[ast.Expr(value=call, **loc)], type_ignores=[])
 
 
+def _lost_outcome(session: Session) -> StoreUnavailable | None:
+    """The store's error that kept an outcome of this session from being recorded, if any."""
+    if isinstance(session.lost_outcome, StoreUnavailable):
+        return session.lost_outcome
+    for fut, _ in session.pending:
+        try:
+            exc = fut.exception(timeout=30)
+        except TimeoutError:
+            continue
+        if isinstance(exc, StoreUnavailable):
+            return exc
+    return None
+
+
 class _Transformer(ast.NodeTransformer):
     """Registered in ``shell.ast_transformers``; delegates to the guard, never raises."""
 
@@ -210,6 +225,8 @@ class Guard:
         self._stack: list[Frame] = []
         self._next: Frame | None = None
         self._registered = False
+        #: Called first in every pre_run_cell, attached or not (set by the extension): one hook, not two.
+        self.before_cell: Callable[[Any], None] | None = None
 
     # --------------------------------------------------------- registration
 
@@ -289,6 +306,8 @@ class Guard:
 
     def pre_run_cell(self, info: Any) -> None:
         """Decide claim / skip / wait / refuse before the cell's code runs."""
+        if self.before_cell is not None:
+            self.before_cell(info)  # the extension's own pre-cell work (a quiet repeated %load_ext)
         session = self.session
         if session is None:
             return
@@ -470,7 +489,10 @@ class Guard:
                         target = session.retarget(target)
                         continue
                 missing = [session.label(p) for p in claim.missing]
-                frame.error = _render(OrderViolation(iid, target.label, missing))
+                # An earlier cell still "running" may be one whose outcome the store could not take
+                # (a full disk that has room again): that is the error to show, not the order.
+                lost = _lost_outcome(session)
+                frame.error = _render(lost or OrderViolation(iid, target.label, missing))
                 return
             raise RuntimeError(f"unexpected claim outcome {outcome!r}")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from nbrunbook.engine.errors import StepFenced
+from nbrunbook.engine.errors import StepFenced, StoreUnavailable
 from nbrunbook.engine.faults import crashpoint
 from nbrunbook.engine.model import Claim, EncodedValue
 
@@ -150,6 +150,8 @@ def report_pending(session: Session, warn: Callable[[str], None], *, block: bool
                 continue
         exc = fut.exception()
         if exc is not None:
+            if isinstance(exc, StoreUnavailable) and session.lost_outcome is None:
+                session.lost_outcome = exc
             what = "fenced: " if isinstance(exc, StepFenced) else ""
             warn(f"⚠ the outcome of {label} was not recorded ({what}{exc})")
     session.pending = keep

@@ -109,6 +109,28 @@ def replay(outputs: list[Mapping[str, Any]]) -> RecordedResult | None:
     return result
 
 
+def unsaved_advice(unsaved: Mapping[str, str]) -> str:
+    """What the skip line says about values the cell assigned but that were not saved.
+
+    Live handles (files, sockets, clients) are named together with how to get
+    them back - a cell marked ``always`` - never with a pickle hint; other
+    values keep their own reason.
+    """
+    from .saved import REBUILD
+
+    handles = [name for name, why in unsaved.items() if REBUILD in why]
+    others = [f"{name} ({why})" for name, why in unsaved.items() if REBUILD not in why]
+    parts = []
+    if handles:
+        them = "it" if len(handles) == 1 else "them"
+        parts.append(
+            f"{', '.join(handles)} (open {'resource' if len(handles) == 1 else 'resources'}, which cannot be saved: "
+            f"re-create {them} in a cell marked `#| runbook: always`)"
+        )
+    parts.extend(others)
+    return "not restored: " + "; ".join(parts) if parts else ""
+
+
 def skipper(
     user_ns: MutableMapping[str, Any],
     target: Target,
@@ -130,8 +152,7 @@ def skipper(
 
     def run() -> RecordedResult | None:
         restored, problems = saved.restore(user_ns, values, pickle_names=target.spec.pickle_names)
-        unsaved = record.get("unsaved") or {}
-        detail = "not restored: " + "; ".join(f"{k} ({v})" for k, v in unsaved.items()) if unsaved else ""
+        detail = unsaved_advice(record.get("unsaved") or {})
         show_status(status_line(target.label, state, this_run=run_id, restored=restored, note=detail))
         if note:
             warn(note)

@@ -137,6 +137,8 @@ class Session:
         self.owns_store = owns_store
         #: Outcomes committed in the background: (future, cell label), reported at the next cell.
         self.pending: list[tuple[Future[Any], str]] = []
+        # The store's error that lost one of this session's outcomes (a full disk): see guard._lost_outcome.
+        self.lost_outcome: BaseException | None = None
         self.notices: set[str] = set()
         #: Client sessions (message header ``session``) that send this notebook's cells.
         self.clients: set[str] = set()

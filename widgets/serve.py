@@ -35,7 +35,9 @@ def serve(store: str, port: int, instance: str | None = None) -> int:
         from nbrunbook.engine.errors import RunbookError
 
         raise RunbookError("the dashboard needs Voilà: pip install 'nbrunbook[dashboard]'") from None
-    env = {**os.environ, "NBRUNBOOK_STORE": os.path.abspath(store)}
+    from nbrunbook.engine.factory import canonical_location
+
+    env = {**os.environ, "NBRUNBOOK_STORE": canonical_location(store)}
     if instance:
         env["NBRUNBOOK_DASHBOARD_INSTANCE"] = instance
     print(
