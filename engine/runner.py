@@ -29,7 +29,7 @@ from nbclient.util import run_sync
 
 from . import cli
 from .errors import OutputNotWritten
-from .kernel import MetadataKernelClient, RunbookKernelManager
+from .kernel import MetadataKernelClient, RunbookKernelManager, last_words
 
 #: Guard refusals (the engine error class names) -> exit codes.
 EXIT_FOR_ENAME = {
@@ -174,6 +174,7 @@ class RunbookClient(NotebookClient):
     async def async_run(self) -> int:
         """Execute every cell as one advance of the instance; returns the exit code."""
         self.reset_execution_trackers()
+        km = self.km  # nbclient drops it when the kernel is cleaned up; a dead kernel's stderr is read after
         try:
             async with self.async_setup_kernel(cwd=self.resources.get("metadata", {}).get("path")):
                 if self.before_attach is not None:
@@ -185,7 +186,8 @@ class RunbookClient(NotebookClient):
                 self.set_widgets_metadata()
                 return code
         except DeadKernelError as exc:
-            raise RunnerError(cli.EXIT_FAILED, f"the kernel died: {exc}") from None
+            words = last_words(km)  # its stderr is kept off the terminal (kernel.py): say why here
+            raise RunnerError(cli.EXIT_FAILED, f"the kernel died: {exc}" + (f" ({words})" if words else "")) from None
 
     async def _run_cells(self) -> int:
         kc = self.kc
