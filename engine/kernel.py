@@ -100,6 +100,7 @@ class RunbookKernelManager(AsyncKernelManager):
             self.transport = "ipc"
             self.ip = prefix
         self.stderr_file: t.IO[bytes] | None = None
+        self.stderr_tail = ""
 
     async def _async_start_kernel(self, **kw: t.Any) -> None:
         """Start the kernel with its process's stderr in an anonymous file (see :func:`kernel_stderr`).
@@ -128,6 +129,7 @@ class RunbookKernelManager(AsyncKernelManager):
         """
         await super()._async_cleanup_resources(restart=restart)
         if not restart and self.stderr_file is not None:
+            self.stderr_tail = kernel_stderr(self)  # kept: a dead kernel's last words are read after this
             self.stderr_file.close()
             self.stderr_file = None
 
@@ -135,10 +137,10 @@ class RunbookKernelManager(AsyncKernelManager):
 
 
 def kernel_stderr(km: RunbookKernelManager, limit: int = 4000) -> str:
-    """The last ``limit`` characters the kernel process wrote to its stderr ("" once cleaned up)."""
+    """The last ``limit`` characters the kernel process wrote to its stderr (kept after its cleanup)."""
     fh = km.stderr_file
     if fh is None or fh.closed:
-        return ""
+        return km.stderr_tail[-limit:]
     try:
         fh.flush()
         size = os.fstat(fh.fileno()).st_size
@@ -174,3 +176,13 @@ def stop(km: RunbookKernelManager) -> None:
         run_sync(km.shutdown_kernel)(now=True)
     finally:
         run_sync(km.cleanup_resources)()
+
+
+def last_words(km: t.Any) -> str:
+    """The line a dead kernel's stderr ends with that says why (not a traceback frame), or ""."""
+    if not isinstance(km, RunbookKernelManager):
+        return ""
+    lines = [ln.strip() for ln in kernel_stderr(km).splitlines() if ln.strip() and not ln[:1].isspace()]
+    # ipykernel's own log lines ("[IPKernelApp] ...") are not why it died.
+    lines = [ln for ln in lines if not ln.startswith("[IPKernelApp]") and not ln.startswith("Traceback")]
+    return lines[-1][:300] if lines else ""

@@ -38,7 +38,7 @@ from nbclient.util import run_sync
 
 from . import cli
 from .errors import OutputNotWritten
-from .kernel import MetadataKernelClient, RunbookKernelManager
+from .kernel import MetadataKernelClient, RunbookKernelManager, last_words
 
 if t.TYPE_CHECKING:
     from .run_signals import Stopper
@@ -257,6 +257,7 @@ class RunbookClient(NotebookClient):
         self.stopper = None
         # Before nbclient sets its own (which only clean the kernel up): put back at the end.
         self._signals_before = saved_handlers()
+        km = self.km  # nbclient drops it when the kernel is cleaned up; a dead kernel's stderr is read after
         try:
             async with self.async_setup_kernel(cwd=self.resources.get("metadata", {}).get("path")):
                 if self.stopper is None:  # the kernel client was there already
@@ -277,13 +278,19 @@ class RunbookClient(NotebookClient):
                         # The signal, not what it caused (an interrupted attach), ends the run.
                         raise self._stopped(None) from None
                     if isinstance(exc, DeadKernelError):
-                        raise RunnerError(cli.EXIT_FAILED, f"the kernel died: {exc}") from None
+                        raise self._died(km, exc) from None
                     raise
                 finally:
                     self.stopper.answered()
                     self.stopper.uninstall()
         except DeadKernelError as exc:
-            raise RunnerError(cli.EXIT_FAILED, f"the kernel died: {exc}") from None
+            raise self._died(km, exc) from None
+
+    @staticmethod
+    def _died(km: t.Any, exc: DeadKernelError) -> RunnerError:
+        """One line for a kernel that died mid-run, with its last words (its stderr is kept off the terminal)."""
+        words = last_words(km)
+        return RunnerError(cli.EXIT_FAILED, f"the kernel died: {exc}" + (f" ({words})" if words else ""))
 
     async def _run_cells(self) -> int:
         kc = self.kc

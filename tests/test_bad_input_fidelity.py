@@ -285,6 +285,9 @@ def test_no_connection_file_or_socket_is_left_in_the_runtime_dirs(tmp_path: Path
 NOISY_KERNEL = (
     "import atexit, os, sys\n"
     "os.write(2, b'KERNEL-NOISE at start\\n')\n"
+    # fd 9 stays the process's stderr after ipykernel captures fd 2 for cells: a cell can write there
+    # the way a crashing library or the interpreter itself would.
+    "os.dup2(2, 9, inheritable=True)\n"
     "atexit.register(lambda: os.write(2, b'KERNEL-NOISE at exit\\n'))\n"
     "from ipykernel import kernelapp\n"
     "kernelapp.launch_new_instance()\n"
@@ -433,3 +436,18 @@ def test_rerunning_the_start_cell_is_quiet_and_unsaved_handles_get_rebuild_advic
     assert "not found" in k.execute("%runbook status").error_text
     reloaded = k.execute("%load_ext nbrunbook").ok()
     assert reloaded.outputs == [] and k.execute("%runbook status").ename == "UsageError"
+
+
+def test_a_kernel_that_dies_says_its_last_words_in_the_one_line(tmp_path: Path) -> None:
+    env = _noisy_kernel(tmp_path)
+    nb = write_notebook(
+        tmp_path / "dies.ipynb",
+        [("dies", "import os\nos.write(9, b'  File x\\nFatal: out of widgets\\n')\nos._exit(1)", [])],
+    )
+    store = tmp_path / "store" / "store.duckdb"
+    run = cli(
+        "run", str(nb), "-i", "d1", "--kernel", "noisy", "--store", str(store), "--no-progress", cwd=tmp_path, env=env
+    )
+    assert run.code == 1, run.stderr
+    assert "nbrunbook: the kernel died: Kernel died (Fatal: out of widgets)" in run.stderr.splitlines(), run.stderr
+    assert "KERNEL-NOISE" not in run.stderr and "File x" not in run.stderr
