@@ -75,6 +75,9 @@ def read_lenient(raw: dict[str, t.Any], path: str) -> tuple[t.Any, str | None]:
         nbformat.validate(nb)
     except nbformat.ValidationError as exc:
         return nb, _describe(exc)
+    except (AssertionError, TypeError) as exc:  # the validator asserts on a non-integer nbformat_minor
+        why = _first_line(exc) or "nbformat could not read its version"
+        raise NotebookError(path, f"is not a valid notebook ({why})") from None
     return nb, None
 
 
