@@ -319,7 +319,7 @@ def _start_cell(store: Path, instance: str) -> str:
 def _runbook(store: Path, effects: Path) -> list[tuple[str, str, list[str]]]:
     return [
         ("start", _start_cell(store, "lab-1"), []),
-        ("imports", "import json, os, sys, time\nimport ipywidgets\nfrom IPython.display import HTML, display", []),
+        ("imports", "import json, os, sys, time\nimport ipywidgets\nfrom IPython.display import HTML, clear_output, display, update_display", []),
         ("params", f"EFFECTS = {str(effects)!r}", ["parameters"]),
         (
             "streams",
@@ -342,11 +342,21 @@ def _runbook(store: Path, effects: Path) -> list[tuple[str, str, list[str]]]:
             effect_cell("out = ipywidgets.Output()\ndisplay(out)\nwith out:\n    print('inside the widget')\n"),
             [],
         ),
+        (
+            "progress",
+            effect_cell(
+                "for i in range(3):\n    clear_output(wait=True)\n    print(f'progress {i}', flush=True)\n"
+            ),
+            [],
+        ),
+        ("shown", effect_cell("display(HTML('<i class=\"lab-shown\">version 1</i>'), display_id='lab-h')\n"), []),
+        # A later cell updates the earlier cell's display: the update lands in "shown".
+        ("updater", effect_cell("update_display(HTML('<i class=\"lab-shown\">version 2</i>'), display_id='lab-h')\n"), []),
         ("later", "#| runbook: always\nprint('restored', total, words)", []),
     ]
 
 
-GUARDED = ["streams", "rich", "widget"]
+GUARDED = ["streams", "rich", "widget", "progress", "shown", "updater"]
 
 
 def test_run_all_then_restart_and_run_all_replays_and_console(lab: Lab, tmp_path: Path) -> None:
@@ -378,6 +388,11 @@ def test_run_all_then_restart_and_run_all_replays_and_console(lab: Lab, tmp_path
         assert first["later"] == [("application/vnd.jupyter.stdout", "restored 41 ['alpha', 'beta']")]
         assert page.locator(".jp-Notebook b.lab-rich").count() == 1
         assert "inside the widget" in "".join(t for _, t in first["widget"]), first["widget"]
+        # The text sits in the Output widget's own output area, not in the cell's.
+        assert page.locator(".jp-Notebook .jupyter-widgets .jp-OutputArea-output", has_text="inside the widget").count() == 1
+        assert first["progress"] == [("application/vnd.jupyter.stdout", "progress 2")], first["progress"]
+        assert first["shown"] == [("text/html", "version 2")], first["shown"]
+        assert first["updater"] == [], first["updater"]
         assert [e["step_key"].split("/")[1].split("@")[0] for e in read_effects(effects)] == GUARDED
 
         # 4. File → New Console for Notebook: unguarded, said once, sees the notebook's variables.
