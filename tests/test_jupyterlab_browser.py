@@ -33,6 +33,7 @@ import pytest
 from helpers.kernels import check_instance
 from helpers.oracle import read_effects
 from helpers.runbooks import effect_cell, write_notebook
+from nbrunbook.kernel_ext.replay import STATUS_MIME
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "jupyterlab"
@@ -41,10 +42,18 @@ WAIT_MS = 240_000
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
-# The differences between run 1's outputs and a skipped cell's replay that the
-# kernel side has not removed yet: {cell id: why}. The test checks that each
-# listed cell still differs (so a fix shows up as a failure to update this).
-KNOWN_DIFFERENCES: dict[str, str] = {}
+# What a Restart and Run All still shows differently from the contract in issue 25
+# (docs: the status output's text/plain line starts "nbrunbook: "), or from run 1's outputs,
+# that the kernel side has not removed yet: {what: why}. A key is a cell id (its replayed
+# outputs differ from run 1's) or "status-prefix". The test checks that each listed
+# difference is still there, so a fix shows up as a failure to update this table.
+KNOWN_DIFFERENCES: dict[str, str] = {
+    "status-prefix": (
+        "the status output's text/plain line starts with the cell's label, not 'nbrunbook: ' as the "
+        "contract's example has it (kernel_ext/replay.py status_line, main 0b6354d); smallest "
+        "reproduction: any done cell skipped after a restart, e.g. `x = 1` run twice"
+    ),
+}
 
 
 def _free_port() -> int:
@@ -311,6 +320,28 @@ def _wait_file(path: Path, predicate: Callable[[str], bool], what: str) -> None:
         time.sleep(0.05)
 
 
+def _save(page: Any, path: Path, marker: str) -> dict[str, list[dict[str, Any]]]:
+    """File → Save Notebook; wait until the file holds ``marker``; every cell's saved outputs by id."""
+    _menu(page, "File", "docmanager:save")
+    _wait_file(path, lambda t: marker in t, f"{path.name} saved with {marker!r}")
+    nb = json.loads(path.read_text())
+    return {c["id"]: c.get("outputs", []) for c in nb["cells"]}
+
+
+def _comparable(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Outputs without what legitimately differs between runs: execution counts, and the widget
+    model ids (a replay opens its widgets again under fresh comm ids)."""
+    result = []
+    for out in outputs:
+        out = json.loads(json.dumps(out))
+        out.pop("execution_count", None)
+        view = out.get("data", {}).get("application/vnd.jupyter.widget-view+json")
+        if isinstance(view, dict):
+            view.pop("model_id", None)
+        result.append(out)
+    return result
+
+
 def _start_cell(store: Path, instance: str) -> str:
     return f"%load_ext nbrunbook\n%runbook start --store {store} --instance {instance}"
 
@@ -319,7 +350,12 @@ def _start_cell(store: Path, instance: str) -> str:
 def _runbook(store: Path, effects: Path) -> list[tuple[str, str, list[str]]]:
     return [
         ("start", _start_cell(store, "lab-1"), []),
-        ("imports", "import json, os, sys, time\nimport ipywidgets\nfrom IPython.display import HTML, clear_output, display, update_display", []),
+        (
+            "imports",
+            "import json, os, sys, time\nimport ipywidgets\n"
+            "from IPython.display import HTML, clear_output, display, update_display",
+            [],
+        ),
         ("params", f"EFFECTS = {str(effects)!r}", ["parameters"]),
         (
             "streams",
@@ -344,14 +380,16 @@ def _runbook(store: Path, effects: Path) -> list[tuple[str, str, list[str]]]:
         ),
         (
             "progress",
-            effect_cell(
-                "for i in range(3):\n    clear_output(wait=True)\n    print(f'progress {i}', flush=True)\n"
-            ),
+            effect_cell("for i in range(3):\n    clear_output(wait=True)\n    print(f'progress {i}', flush=True)\n"),
             [],
         ),
-        ("shown", effect_cell("display(HTML('<i class=\"lab-shown\">version 1</i>'), display_id='lab-h')\n"), []),
+        ("shown", effect_cell("display(HTML('<i class=\"lab-shown\">version 1</i>'), display_id='lab-h');\n"), []),
         # A later cell updates the earlier cell's display: the update lands in "shown".
-        ("updater", effect_cell("update_display(HTML('<i class=\"lab-shown\">version 2</i>'), display_id='lab-h')\n"), []),
+        (
+            "updater",
+            effect_cell("update_display(HTML('<i class=\"lab-shown\">version 2</i>'), display_id='lab-h')\n"),
+            [],
+        ),
         ("later", "#| runbook: always\nprint('restored', total, words)", []),
     ]
 
@@ -389,11 +427,14 @@ def test_run_all_then_restart_and_run_all_replays_and_console(lab: Lab, tmp_path
         assert page.locator(".jp-Notebook b.lab-rich").count() == 1
         assert "inside the widget" in "".join(t for _, t in first["widget"]), first["widget"]
         # The text sits in the Output widget's own output area, not in the cell's.
-        assert page.locator(".jp-Notebook .jupyter-widgets .jp-OutputArea-output", has_text="inside the widget").count() == 1
+        inside = page.locator(".jp-Notebook .jupyter-widgets .jp-OutputArea-output", has_text="inside the widget")
+        assert inside.count() == 1
         assert first["progress"] == [("application/vnd.jupyter.stdout", "progress 2")], first["progress"]
         assert first["shown"] == [("text/html", "version 2")], first["shown"]
         assert first["updater"] == [], first["updater"]
         assert [e["step_key"].split("/")[1].split("@")[0] for e in read_effects(effects)] == GUARDED
+
+        saved_first = _save(page, lab.root / "runbook.ipynb", "progress 2")
 
         # 4. File → New Console for Notebook: unguarded, said once, sees the notebook's variables.
         _menu(page, "File", "filemenu:create-console")
@@ -429,7 +470,9 @@ def test_run_all_then_restart_and_run_all_replays_and_console(lab: Lab, tmp_path
             status, *replayed = second[cell] or [("", "")]
             # The text/plain fallback of the status output (JupyterLab has no renderer for
             # STATUS_MIME): it names the cell (by its name and id) and reads right in ASCII.
-            assert status[0] == "text/plain" and status[1].startswith("nbrunbook: "), (cell, status)
+            assert status[0] == "text/plain", (cell, status)
+            prefixed = status[1].startswith("nbrunbook: ")
+            assert prefixed != ("status-prefix" in KNOWN_DIFFERENCES), (cell, status, KNOWN_DIFFERENCES)
             assert f"[{cell}]" in status[1] or f"'{cell}'" in status[1], (cell, status)
             assert "already done in run" in status[1] and "not run again" in status[1], status
             assert status[1].isascii(), status
@@ -437,11 +480,23 @@ def test_run_all_then_restart_and_run_all_replays_and_console(lab: Lab, tmp_path
                 assert replayed != first[cell], f"{cell} now replays exactly: drop it from KNOWN_DIFFERENCES"
             else:
                 assert replayed == first[cell], (cell, replayed, first[cell])
+        # The saved notebook: the status output is a display of STATUS_MIME, first in the cell,
+        # and the rest are run 1's outputs (as JupyterLab saved them) in the same order.
+        saved = _save(page, lab.root / "runbook.ipynb", STATUS_MIME)
+        for cell in GUARDED:
+            head, *rest = saved[cell]
+            assert head["output_type"] == "display_data" and STATUS_MIME in head["data"], (cell, head)
+            info = head["data"][STATUS_MIME]
+            assert info["status"] == "done" and cell in info["cell"] and info["run"], (cell, info)
+            plain = head["data"]["text/plain"]
+            plain = "".join(plain) if isinstance(plain, list) else plain  # nbformat's multiline form
+            assert plain.startswith(second[cell][0][1][:40]), (cell, head)
+            if cell not in KNOWN_DIFFERENCES:
+                assert _comparable(rest) == _comparable(saved_first[cell]), (cell, rest, saved_first[cell])
         for cell in ("imports", "params", "later"):
             assert second[cell] == first[cell], (cell, second[cell], first[cell])
         assert page.locator(".jp-Notebook b.lab-rich").count() == 1
         assert len(read_effects(effects)) == len(GUARDED), "a guarded cell ran twice"
-
 
     # The store is checked once the kernel let it go (the server stays up until the fixture ends).
     for kernel in lab.api("/api/kernels"):
