@@ -42,11 +42,12 @@ WAIT_MS = 240_000
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
-# What a Restart and Run All still shows differently from the contract in issue 25
-# (docs: the status output's text/plain line starts "nbrunbook: "), or from run 1's outputs,
-# that the kernel side has not removed yet: {what: why}. A key is a cell id (its replayed
-# outputs differ from run 1's) or "status-prefix". The test checks that each listed
-# difference is still there, so a fix shows up as a failure to update this table.
+# Where a Restart and Run All still differs from run 1's outputs or from the skip-status
+# contract of issue 25 (a status output whose text/plain line starts "nbrunbook: ", whose
+# JSON has `not_restored` {name: why} and `note`), because the kernel side does so: {what: why}.
+# A key is a cell id (its replayed outputs differ from run 1's), "status-prefix" or
+# "status-fields". The test checks that each listed difference is still there, so a fix on
+# the kernel side shows up as a failure that says to update this table.
 KNOWN_DIFFERENCES: dict[str, str] = {
     "status-prefix": (
         "the status output's text/plain line starts with the cell's label, not 'nbrunbook: ' as the "
@@ -56,8 +57,8 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "status-fields": (
         "the status JSON has no `not_restored` {name: why} and no `note` as the contract in issue 25's "
         "brief names them: the values not restored and why, and other notes, come as one `notes` list "
-        "(kernel_ext/replay.py status_bundle, main 0b6354d); reproduction: any skipped cell that assigned "
-        "an open file, e.g. `fh = open(p, 'a')`"
+        "(kernel_ext/replay.py status_bundle, main 0b6354d); reproduction: any skipped cell, e.g. one "
+        "that assigned `fh = open(p, 'a')` (its 'not restored: fh (open resource ...)' is in `notes`)"
     ),
 }
 
@@ -129,7 +130,7 @@ class Lab:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     """``jupyter lab`` on a free loopback port, with nothing of the user's; stopped with its kernels."""
     _require_chromium()
     home = tmp_path / "home"
@@ -207,6 +208,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+        # The server's log (kernel starts, restarts, interrupts) beside the screenshots.
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, ARTIFACTS / f"{request.node.name}.jupyterlab.log")
 
 
 @contextlib.contextmanager
@@ -215,6 +219,7 @@ def _browser(name: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{name}-failure.png").unlink(missing_ok=True)  # no stale one from an earlier run
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
