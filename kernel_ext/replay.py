@@ -106,8 +106,21 @@ def status_line(
     return head
 
 
-def status_bundle(label: str, state: StepState, run_id: str, restored: list[str], notes: list[str]) -> dict[str, Any]:
-    """The data of a skipped cell's status output: :data:`STATUS_MIME` and its ``text/plain`` line."""
+def status_bundle(
+    label: str,
+    state: StepState,
+    run_id: str,
+    restored: list[str],
+    not_restored: Mapping[str, str],
+    notes: list[str],
+) -> dict[str, Any]:
+    """The data of a skipped cell's status output: :data:`STATUS_MIME` and its ``text/plain`` line.
+
+    ``not_restored`` maps each value the cell assigned but that is not back
+    to why; ``notes`` are the other remarks (changed source, output over the
+    limit). The line says all of it once, after ``nbrunbook:`` so a reader
+    of a plain-text output knows who speaks.
+    """
     if state.status == SKIPPED:
         kind = "skipped"
     elif state.owner is None:
@@ -123,10 +136,12 @@ def status_bundle(label: str, state: StepState, run_id: str, restored: list[str]
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(state.finished_at)) if state.finished_at else None,
         "took": state.duration,
         "restored": list(restored),
+        "not_restored": dict(not_restored),
         "notes": list(notes),
     }
-    text = status_line(label, state, this_run=run_id, restored=restored, note="; ".join(notes))
-    return {STATUS_MIME: info, "text/plain": text}
+    said = [unsaved_advice(not_restored), *notes]
+    text = status_line(label, state, this_run=run_id, restored=restored, note="; ".join(n for n in said if n))
+    return {STATUS_MIME: info, "text/plain": "nbrunbook: " + text}
 
 
 # ------------------------------------------------------------------ replay
@@ -326,8 +341,11 @@ def skipper(
 
     def run() -> RecordedResult | None:
         restored, problems = saved.restore(user_ns, values, pickle_names=target.spec.pickle_names)
-        notes = [n for n in (note, unsaved_advice(record.get("unsaved") or {})) if n]
-        notes.extend(problems)
+        not_restored = dict(record.get("unsaved") or {})
+        for problem in problems:
+            name, _, why = problem.partition(" not restored: ")
+            not_restored[name] = why or problem
+        notes = [note] if note else []
         if record.get("dropped"):
             notes.append(
                 f"{record['dropped']} bytes of its output were not recorded (limit {record.get('limit', '?')} "
@@ -338,7 +356,8 @@ def skipper(
             result = record.get("result")
         else:
             messages, result = _legacy(list(record.get("outputs") or []))
-        player = Replayer(shell, status_bundle(target.label, state, run_id, restored, notes), record.get("msg_id"))
+        status = status_bundle(target.label, state, run_id, restored, not_restored, notes)
+        player = Replayer(shell, status, record.get("msg_id"))
         player.show_status()
         player.replay(messages)
         kept = record.get("error")

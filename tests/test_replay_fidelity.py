@@ -204,7 +204,9 @@ def test_what_a_skip_restores_and_what_it_cannot_is_said_once_in_its_status(kern
     again = k.execute(code, cell_id="open").ok()
     (status,) = again.statuses
     info = status[STATUS_MIME]
-    assert info["restored"] == ["kept"] and any("handle" in n and "always" in n for n in info["notes"]), info
-    assert "restored kept" in status["text/plain"] and "handle" in status["text/plain"]
+    assert info["restored"] == ["kept"] and list(info["not_restored"]) == ["handle"] and not info["notes"], info
+    line = status["text/plain"]
+    assert line.startswith("nbrunbook: ") and "restored kept" in line and "not restored: handle" in line, line
+    assert "runbook: always" in line  # how to get an open resource back
     assert again.stdout == "opened\n" and again.stderr == ""  # the cell's own streams, nothing of ours
     assert k.value("kept") == [1, 2]
