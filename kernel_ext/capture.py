@@ -37,6 +37,10 @@ from .defaults import OUTPUT_LIMIT
 RECORDED = frozenset(
     {"stream", "display_data", "update_display_data", "clear_output", "comm_open", "comm_msg", "comm_close"}
 )
+#: Kept as a bare marker of where they came (``{"t": type}``): the result is recorded apart and
+#: the error is raised again, but what came after them (a figure matplotlib's inline backend
+#: shows after the result) must come after them again.
+MARKERS = frozenset({"execute_result", "error"})
 _MISSING = object()
 
 
@@ -95,7 +99,7 @@ class SessionTap:
                 parent = parent if parent is not None else kw.get("parent")
                 metadata = kw.get("metadata")
                 buffers = kw.get("buffers")
-            if msg_type not in RECORDED and msg_type != "execute_result":
+            if msg_type not in RECORDED and msg_type not in MARKERS:
                 return
             recorder = self.recorders.get(_parent_msg_id(parent) or "")
             if recorder is not None:
@@ -221,9 +225,13 @@ class OutputRecorder:
     # ------------------------------------------------------------ recording
 
     def message(self, msg_type: str, content: dict[str, Any], metadata: Any, buffers: Any) -> None:
-        """Record one message (``execute_result`` becomes :attr:`result`)."""
-        if msg_type == "execute_result":
-            self.result = {"data": dict(content.get("data") or {}), "metadata": dict(content.get("metadata") or {})}
+        """Record one message (``execute_result`` becomes :attr:`result`, and a marker; ``error`` a marker)."""
+        if msg_type in MARKERS:
+            if msg_type == "execute_result":
+                data, md = dict(content.get("data") or {}), dict(content.get("metadata") or {})
+                self.result = {"data": data, "metadata": md}
+            with self._lock:
+                self.items.append({"t": msg_type})
             return
         item: dict[str, Any] = {"t": msg_type, "c": content}
         if metadata:

@@ -118,7 +118,7 @@ def record_outcome(
             record["dropped"] = recorder.dropped
             record["limit"] = recorder.limit
         payload: dict[str, Any] = {
-            "outputs": len(messages) + (result_bundle is not None),
+            "outputs": sum("c" in m for m in messages) + (result_bundle is not None),  # markers aside
             "saved": sorted(n for n in values if n != CELL_RECORD),
             "source_hash": target.live_hash,
         }

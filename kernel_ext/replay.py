@@ -260,15 +260,22 @@ class Replayer:
         content = self._widget_ids({"t": "execute_result", "c": dict(recorded)})
         return RecordedResult(content.get("data") or {}, content.get("metadata"))
 
-    def replay(self, messages: list[dict[str, Any]]) -> None:
-        """Send the recorded messages again, in order."""
+    def replay(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send the recorded messages again, in order, up to the result or the error.
+
+        Returns the messages recorded after that marker: they must follow the
+        result (or error), which the display hook (or the raise) shows after
+        this returns - send them with :meth:`replay` once the cell is over.
+        """
         for stream in (sys.stdout, sys.stderr):  # what this request wrote so far goes first
             try:
                 stream.flush()
             except (AttributeError, OSError, ValueError):
                 pass
-        for item in messages:
+        for at, item in enumerate(messages):
             msg_type = str(item.get("t", ""))
+            if msg_type in ("execute_result", "error"):
+                return [m for m in messages[at + 1 :] if m.get("t") not in ("execute_result", "error")]
             content = self._widget_ids(item)
             if self.status_due and not self.capturing and msg_type in ("stream", "display_data"):
                 self.show_status()  # the output a pending clear_output(wait=True) waited for
@@ -287,6 +294,7 @@ class Replayer:
                     self.status_due = True
                 else:
                     self.show_status()
+        return []
 
     def finish(self, more: bool) -> None:
         """Before a result or an error (``more``): they end a pending wait too, so the status comes first.
@@ -296,6 +304,20 @@ class Replayer:
         """
         if more and self.status_due and not self.capturing:
             self.show_status()
+
+
+def _after_cell(shell: Any, send: Callable[[], object]) -> None:
+    """Call ``send`` once, when the current cell is over (after its result or error is shown)."""
+    events = getattr(shell, "events", None)
+    if events is None:
+        send()
+        return
+
+    def once(result: Any = None) -> None:
+        events.unregister("post_run_cell", once)
+        send()
+
+    events.register("post_run_cell", once)
 
 
 def unsaved_advice(unsaved: Mapping[str, str]) -> str:
@@ -359,9 +381,11 @@ def skipper(
         status = status_bundle(target.label, state, run_id, restored, not_restored, notes)
         player = Replayer(shell, status, record.get("msg_id"))
         player.show_status()
-        player.replay(messages)
+        tail = player.replay(messages)
         kept = record.get("error")
         player.finish(isinstance(kept, Mapping) or isinstance(result, Mapping))
+        if tail:
+            _after_cell(shell, lambda: player.replay(tail))
         if not isinstance(kept, Mapping):
             return player.result(result) if isinstance(result, Mapping) else None
         from .outcome import rebuild

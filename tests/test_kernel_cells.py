@@ -156,7 +156,8 @@ def test_output_recorder_caps_and_counts_what_it_dropped() -> None:
     rec.message("execute_result", {"data": view, "metadata": {}}, None, None)
     items = rec.finish()
     # Chunks stay as sent (a frontend joins them itself); the result is kept apart, widget view and all.
-    assert [i["c"]["text"] for i in items] == ["hello ", "world\n"]
+    assert [i.get("c", {}).get("text") for i in items] == ["hello ", "world\n", None]
+    assert items[-1] == {"t": "execute_result"}  # where the result came: what followed it follows it again
     assert rec.dropped > 200 and rec.result == {"data": view, "metadata": {}}
     rec = OutputRecorder()
     rec.message("comm_msg", {"comm_id": "c", "data": {}}, {"version": "2.1.0"}, [b"\x00\x01"])

@@ -29,7 +29,7 @@ from helpers.runbooks import cli, read_output, write_notebook
 from nbrunbook.kernel_ext.replay import STATUS_MIME
 
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-_UUID = re.compile(r"[0-9a-f]{32}")
+_UUID = re.compile(r"[0-9a-f]{32}|0x[0-9a-f]{6,}")
 
 CELLS: list[tuple[str, str, list[str]]] = [
     ("imports", "import sys\nimport ipywidgets as w\nfrom IPython.display import HTML, SVG, clear_output, display", []),
@@ -45,6 +45,8 @@ CELLS: list[tuple[str, str, list[str]]] = [
         "print('after the figure')\ntotal * 7",
         [],
     ),
+    # matplotlib's inline backend shows the figure after the result (a post_execute hook).
+    ("plot", "import matplotlib.pyplot as plt\nplt.plot([1, 2, 4])", []),
     ("progress", "for i in range(4):\n    clear_output(wait=True)\n    print('step', i)\ndone_steps = i + 1", []),
     ("pending", "print('kept: a wait=True clear with nothing after it clears nothing')\nclear_output(wait=True)", []),
     ("cleared", "print('gone')\nclear_output()\nprint('shown after the clear')", []),
@@ -91,7 +93,7 @@ def _statuses(cell: Any) -> list[tuple[int, dict[str, Any]]]:
     return [(i, o["data"]) for i, o in enumerate(cell.get("outputs", [])) if STATUS_MIME in o.get("data", {})]
 
 
-def test_a_resume_shows_what_nbclient_shows_output_for_output(tmp_path: Path) -> None:
+def test_a_resume_shows_what_nbclient_shows_output_for_output(tmp_path: Path, matplotlib_ready: None) -> None:
     source = write_notebook(tmp_path / "fidelity.ipynb", CELLS)
     reference = nbformat.read(str(source), as_version=4)
     NotebookClient(reference, timeout=int(TIMEOUT), kernel_name="python3", store_widget_state=True).execute(
@@ -111,6 +113,7 @@ def test_a_resume_shows_what_nbclient_shows_output_for_output(tmp_path: Path) ->
     assert [o["output_type"] for o in expected["progress"]] == ["stream"] and "step 3" in str(expected["progress"])
     assert "kept" in str(expected["pending"]) and "gone" not in str(expected["cleared"])
     assert "<b>two</b>" in str(expected["handle"])  # updated by the later cell
+    assert [o["output_type"] for o in expected["plot"]] == ["execute_result", "display_data"]
     for nb in (first, resumed):
         assert _outputs(nb) == expected
         assert _widgets(nb) == _widgets(reference) != []
