@@ -63,6 +63,15 @@ def _encode_buffers(buffers: Any) -> list[str]:
     return out
 
 
+def _state_update(content: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``state`` of a widget's ``update`` comm message, or None for any other message."""
+    data = content.get("data")
+    if not isinstance(data, dict) or data.get("method") != "update" or data.get("buffer_paths"):
+        return None
+    state = data.get("state")
+    return state if isinstance(state, dict) else None
+
+
 class SessionTap:
     """Wraps one kernel ``Session.send``; hands each recorded message to the recorder of its parent.
 
@@ -179,6 +188,8 @@ class OutputRecorder:
         self._tap: SessionTap | None = None
         self._tees: list[_WriteTee] = []
         self._display_pub: Any = None
+        #: comm id -> its state update recorded since the last non-comm message (see _merged).
+        self._updates: dict[str, dict[str, Any]] = {}
 
     # --------------------------------------------------------- installation
 
@@ -233,6 +244,12 @@ class OutputRecorder:
             with self._lock:
                 self.items.append({"t": msg_type})
             return
+        if msg_type == "comm_msg" and not buffers:
+            if self._merged(content):
+                return
+            state = _state_update(content)
+            if state is not None:  # a copy: a later update may be folded into it (see _merged)
+                content = {**content, "data": {**content["data"], "state": dict(state)}}
         item: dict[str, Any] = {"t": msg_type, "c": content}
         if metadata:
             item["m"] = metadata
@@ -258,6 +275,36 @@ class OutputRecorder:
                 last["c"] = {"name": content.get("name"), "text": last["c"].get("text", "") + content.get("text", "")}
             else:
                 self.items.append(item)
+            if msg_type == "comm_msg" and not buffers and _state_update(content) is not None:
+                self._updates[str(content.get("comm_id"))] = item
+            elif msg_type != "comm_msg":
+                self._updates.clear()
+
+    def _merged(self, content: dict[str, Any]) -> bool:
+        """Fold a widget's state update into its update recorded earlier in this run of comm messages.
+
+        A progress bar updated in a loop sends thousands of updates; the
+        frontend ends with the last state either way. Only updates with no
+        output between them are folded (an Output widget's capture starts and
+        ends with an update, and what it captures is output), so the order the
+        frontend applies things in is kept.
+        """
+        state = _state_update(content)
+        if state is None:
+            return False
+        with self._lock:
+            earlier = self._updates.get(str(content.get("comm_id")))
+            if earlier is None:
+                return False
+            folded = _state_update(earlier["c"])
+            if folded is None:
+                return False
+            size = len(json.dumps(state, default=str))
+            if self.size + size > self.limit:
+                return False
+            folded.update(state)
+            self.size += size
+            return True
 
     def _hook(self, msg: dict[str, Any]) -> dict[str, Any]:
         # No kernel session: the display publisher's hook. Must never raise (it runs for user code).

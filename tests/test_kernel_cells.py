@@ -173,3 +173,47 @@ def test_options_are_checked() -> None:
         Options.from_mapping({"on_changed": "ignore"})
     with pytest.raises(BadOption, match="positive"):
         Options.from_mapping({"wait_timeout": 0})
+
+
+def test_a_record_written_before_version_2_still_replays_its_outputs() -> None:
+    """Stores written by 0.1 keep ``outputs`` items, not messages: a skip still shows them, in order."""
+    from nbrunbook.kernel_ext.replay import _legacy
+
+    messages, result = _legacy(
+        [
+            {"type": "stream", "name": "stdout", "text": "a\n"},
+            {"type": "display", "data": {"text/html": "<b>x</b>"}, "metadata": {"k": 1}},
+            {"type": "stream", "name": "stderr", "text": "e\n"},
+            {"type": "note", "text": "[dropped]\n"},
+            {"type": "result", "data": {"text/plain": "42"}},
+        ]
+    )
+    assert messages == [
+        {"t": "stream", "c": {"name": "stdout", "text": "a\n"}},
+        {"t": "display_data", "c": {"data": {"text/html": "<b>x</b>"}, "metadata": {"k": 1}, "transient": {}}},
+        {"t": "stream", "c": {"name": "stderr", "text": "e\n"}},
+        {"t": "stream", "c": {"name": "stdout", "text": "[dropped]\n"}},
+    ]
+    assert result == {"data": {"text/plain": "42"}, "metadata": {}}
+
+
+def test_widget_updates_with_no_output_between_are_folded_into_one() -> None:
+    """A progress bar updated in a loop: one update a model per run of comm messages, the last state."""
+    rec = OutputRecorder()
+
+    def update(comm: str, **state: object) -> None:
+        rec.message("comm_msg", {"comm_id": comm, "data": {"method": "update", "state": state}}, None, None)
+
+    for i in range(100):
+        update("bar", value=i)
+        update("label", value=f"{i}%")
+    update("bar", description="done")
+    rec.message("stream", {"name": "stdout", "text": "between\n"}, None, None)
+    update("bar", value=0)  # after an output: kept apart, in order
+    states = [(i["c"].get("comm_id"), i["c"].get("data", {}).get("state")) for i in rec.finish()]
+    assert states == [
+        ("bar", {"value": 99, "description": "done"}),
+        ("label", {"value": "99%"}),
+        (None, None),
+        ("bar", {"value": 0}),
+    ]
