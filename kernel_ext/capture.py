@@ -37,9 +37,11 @@ from .defaults import OUTPUT_LIMIT
 RECORDED = frozenset(
     {"stream", "display_data", "update_display_data", "clear_output", "comm_open", "comm_msg", "comm_close"}
 )
-#: Kept as a bare marker of where they came (``{"t": type}``): the result is recorded apart and
-#: the error is raised again, but what came after them (a figure matplotlib's inline backend
-#: shows after the result) must come after them again.
+#: Where the cell's result came is kept as a bare marker (``{"t": "execute_result"}``; the
+#: result itself is recorded apart, for the display hook), and ``error`` messages in full: what
+#: came after the result or the cell's own error (a figure matplotlib's inline backend shows
+#: after the result) must come after it again, and an error shown while the cell went on (an
+#: ``Output`` widget shows and swallows one raised in its ``with`` block) is output like any other.
 MARKERS = frozenset({"execute_result", "error"})
 _MISSING = object()
 
@@ -236,14 +238,16 @@ class OutputRecorder:
     # ------------------------------------------------------------ recording
 
     def message(self, msg_type: str, content: dict[str, Any], metadata: Any, buffers: Any) -> None:
-        """Record one message (``execute_result`` becomes :attr:`result`, and a marker; ``error`` a marker)."""
-        if msg_type in MARKERS:
-            if msg_type == "execute_result":
-                data, md = dict(content.get("data") or {}), dict(content.get("metadata") or {})
-                self.result = {"data": data, "metadata": md}
+        """Record one message (the display hook's ``execute_result`` becomes :attr:`result` and a marker)."""
+        if msg_type == "execute_result" and not (content.get("transient") or {}).get("display_id"):
+            data, md = dict(content.get("data") or {}), dict(content.get("metadata") or {})
+            self.result = {"data": data, "metadata": md}
             with self._lock:
                 self.items.append({"t": msg_type})
+                self._updates.clear()  # shown output: updates after it stay after it
             return
+        # (An execute_result with a display_id - sent by the cell itself, for a later update to
+        # find - is recorded whole, like a display: the display hook could not carry the id.)
         if msg_type == "comm_msg" and not buffers:
             if self._merged(content):
                 return
@@ -290,14 +294,14 @@ class OutputRecorder:
         frontend applies things in is kept.
         """
         state = _state_update(content)
-        if state is None:
-            return False
+        if state is None or "msg_id" in state:
+            return False  # an Output widget's capture starting or ending: never moved
         with self._lock:
             earlier = self._updates.get(str(content.get("comm_id")))
             if earlier is None:
                 return False
             folded = _state_update(earlier["c"])
-            if folded is None:
+            if folded is None or "msg_id" in folded:
                 return False
             size = len(json.dumps(state, default=str))
             if self.size + size > self.limit:

@@ -260,11 +260,11 @@ class Replayer:
         content = self._widget_ids({"t": "execute_result", "c": dict(recorded)})
         return RecordedResult(content.get("data") or {}, content.get("metadata"))
 
-    def replay(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Send the recorded messages again, in order, up to the result or the error.
+    def replay(self, messages: list[dict[str, Any]], split: int | None = None) -> list[dict[str, Any]]:
+        """Send the recorded messages again, in order, up to ``split`` (see :func:`split_at`).
 
-        Returns the messages recorded after that marker: they must follow the
-        result (or error), which the display hook (or the raise) shows after
+        Returns the messages recorded after it: they must follow the result (or
+        the cell's error), which the display hook (or the raise) shows after
         this returns - send them with :meth:`replay` once the cell is over.
         """
         for stream in (sys.stdout, sys.stderr):  # what this request wrote so far goes first
@@ -274,11 +274,15 @@ class Replayer:
                 pass
         for at, item in enumerate(messages):
             msg_type = str(item.get("t", ""))
-            if msg_type in ("execute_result", "error"):
-                return [m for m in messages[at + 1 :] if m.get("t") not in ("execute_result", "error")]
+            if at == split:
+                return messages[at + 1 :]
+            if "c" not in item:
+                continue  # a marker of where the result came, in a record of another form
             content = self._widget_ids(item)
-            if self.status_due and not self.capturing and msg_type in ("stream", "display_data"):
+            if self.status_due and not self.capturing and msg_type in ("stream", "display_data", "error"):
                 self.show_status()  # the output a pending clear_output(wait=True) waited for
+            if msg_type == "execute_result":
+                content["execution_count"] = getattr(self.shell, "execution_count", None)
             buffers = [base64.b64decode(b) for b in item.get("b") or ()]
             self._send(msg_type, content, item.get("m"), buffers)
             if msg_type == "comm_msg":
@@ -304,6 +308,21 @@ class Replayer:
         """
         if more and self.status_due and not self.capturing:
             self.show_status()
+
+
+def split_at(messages: list[dict[str, Any]], *, raised: bool) -> int | None:
+    """The index of the cell's own error (``raised``) or of its result's marker; None without either.
+
+    What was recorded after it is sent once the cell is over; an earlier error
+    (one an ``Output`` widget showed and swallowed) is output like any other.
+    """
+    for at in range(len(messages) - 1, -1, -1):
+        item = messages[at]
+        if raised and item.get("t") == "error":
+            return at
+        if not raised and item.get("t") == "execute_result" and "c" not in item:
+            return at
+    return None
 
 
 def _after_cell(shell: Any, send: Callable[[], object]) -> None:
@@ -381,8 +400,8 @@ def skipper(
         status = status_bundle(target.label, state, run_id, restored, not_restored, notes)
         player = Replayer(shell, status, record.get("msg_id"))
         player.show_status()
-        tail = player.replay(messages)
         kept = record.get("error")
+        tail = player.replay(messages, split_at(messages, raised=isinstance(kept, Mapping)))
         player.finish(isinstance(kept, Mapping) or isinstance(result, Mapping))
         if tail:
             _after_cell(shell, lambda: player.replay(tail))

@@ -55,7 +55,7 @@ CELLS: list[tuple[str, str, list[str]]] = [
     (
         "capture",
         "out = w.Output()\ndisplay(out)\nwith out:\n    print('inside the widget')\n    display(HTML('<i>in</i>'))\n"
-        "print('outside the widget')",
+        "print('outside the widget')\nwith out:\n    raise ValueError('shown and swallowed by the widget')",
         [],
     ),
     ("slider", "slider = w.IntSlider(value=5, description='n')\nslider", []),
@@ -189,7 +189,7 @@ def test_replayed_widgets_get_fresh_ids_and_capture_the_current_request(kernels:
         for m in messages
         if m["msg_type"] == "comm_msg" and "msg_id" in m["content"]["data"].get("state", {})
     ]
-    assert captures == [msg_id, ""]  # captured this request's output, then stopped: as on the first run
+    assert captures == [msg_id, "", msg_id, ""]  # captured this request's output twice (print, error): as on run 1
     statuses = [m for m in messages if m["msg_type"] == "display_data" and STATUS_MIME in m["content"]["data"]]
     shown = [m for m in messages if m["msg_type"] not in ("status", "execute_input")]
     assert len(statuses) == 1 and shown.index(statuses[0]) == 0
