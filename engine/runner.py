@@ -376,7 +376,7 @@ class RunbookClient(NotebookClient):
         self, index: int, cell: t.Any, seconds: float, reply: dict[str, t.Any] | None, died: bool
     ) -> CellOutcome:
         from nbrunbook.kernel_ext.cells import classify
-        from nbrunbook.kernel_ext.replay import STATUS_PREFIX
+        from nbrunbook.kernel_ext.replay import STATUS_MIME
 
         cell_id = str(cell.get("id", f"#{index}"))
         tags = list(cell.metadata.get("tags", []))
@@ -392,13 +392,8 @@ class RunbookClient(NotebookClient):
             if self.skip_cells_with_tag in tags:
                 outcome.step = {"reason": self.skip_cells_with_tag}
             return outcome
-        outputs = cell.get("outputs", [])
-        # The status line is the first stdout of a skipped cell; a notice on stderr may come before it
-        # (the wait for another run's claim), so the first output is not the one to look at.
-        first: t.Mapping[str, t.Any] = next(
-            (o for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"), {}
-        )
-        replayed = str(first.get("text", "")).startswith(STATUS_PREFIX)
+        # A skipped cell says so in an output of its own (never in its streams): see kernel_ext/replay.py.
+        replayed = any(STATUS_MIME in (o.get("data") or {}) for o in cell.get("outputs", []))
         if reply.get("status") == "error":
             outcome.ename, outcome.evalue = str(reply.get("ename", "Error")), str(reply.get("evalue", ""))
             if outcome.ename in EXIT_FOR_ENAME:

@@ -12,9 +12,11 @@ nbformat cell id) and ``tags`` (the cell's tags, e.g. ``parameters``,
 ``injected-parameters``, ``runbook:always``). A refused cell fails with the
 engine error's class as ``ename`` (``StepInterrupted``, ``StepBusy``,
 ``OrderViolation``, ``AttemptsExhausted``, ``SourceChanged``, ``StoreError``...).
-A skipped cell prints one status line on stdout, starting with
-``nbrunbook.kernel_ext.replay.STATUS_PREFIX`` (``"⏭ "``), then replays its
-recorded outputs. :func:`detach` commits what is in flight and releases the store.
+A skipped cell shows its status as an output of its own - a ``display_data``
+whose data holds ``nbrunbook.kernel_ext.replay.STATUS_MIME``
+(``application/vnd.nbrunbook.status+json``) and a ``text/plain`` line - then
+sends the IOPub messages its first run sent, in order (:mod:`.replay`).
+:func:`detach` commits what is in flight and releases the store.
 """
 
 from __future__ import annotations

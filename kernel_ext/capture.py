@@ -1,18 +1,31 @@
-"""Record what a claimed cell shows: stdout/stderr, display data and its result.
+"""Record what a claimed cell shows, as the IOPub messages the frontend received.
 
-Streams are recorded by wrapping the ``write`` method of ``sys.stdout`` /
-``sys.stderr`` in place (the way IPython 9 tees them for its history) rather
-than replacing the objects, because ipykernel and libraries check the stream
-classes. Display data is recorded with the display publisher's ``register_hook``
-(ipykernel), which sees each message just before it is sent. Output that
-``%%capture`` swallows is not recorded: it was never shown.
+A skipped cell must look exactly like its first run (issue 25): streams in
+the chunks and order they were sent, ``clear_output`` where it came, widget
+models opened and updated, ``update_display_data`` for displays of earlier
+cells, an ``ipywidgets.Output`` capturing what it captured. Recording what the
+cell *wrote* cannot give that (ipykernel buffers stdout and stderr apart and
+flushes them on a timer; the frontend, not the kernel, routes output into an
+Output widget), so the recorder taps the one place every one of those
+messages passes: the kernel's ``Session.send``. It keeps the messages whose
+parent is the cell's ``execute_request`` and whose type a frontend renders
+(:data:`RECORDED`); replay sends them again (:mod:`.replay`).
 
-Everything is size-capped; what does not fit is dropped and replaced by a
-note, so a chatty cell can never blow up the store.
+The ``execute_result`` is kept apart, as the cell's *result*: a skip returns
+it to the display hook, so ``Out[n]`` and ``_`` are set as on a first run.
+
+Without a kernel (terminal IPython) there is no Session: streams are recorded
+by wrapping ``sys.stdout.write`` / ``sys.stderr.write`` and displays with the
+display publisher's hook, into the same message form.
+
+Everything is size-capped; what does not fit is dropped and counted, and a
+skip says how much was lost (in its status output, not in the cell's
+streams), so a chatty cell can never blow up the store.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -20,19 +33,101 @@ from typing import Any
 
 from .defaults import OUTPUT_LIMIT
 
+#: IOPub message types a frontend turns into (or applies to) cell output.
+RECORDED = frozenset(
+    {"stream", "display_data", "update_display_data", "clear_output", "comm_open", "comm_msg", "comm_close"}
+)
+#: Kept as a bare marker of where they came (``{"t": type}``): the result is recorded apart and
+#: the error is raised again, but what came after them (a figure matplotlib's inline backend
+#: shows after the result) must come after them again.
+MARKERS = frozenset({"execute_result", "error"})
 _MISSING = object()
-# Widget views refer to models of one kernel session; replaying them after a
-# restart shows an error, so they are recorded only as their text fallback.
-_WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def _parent_msg_id(parent: Any) -> str | None:
+    """The msg_id of a parent given as a whole message or as its header."""
+    if not isinstance(parent, dict):
+        return None
+    header = parent.get("header", parent)
+    msg_id = header.get("msg_id") if isinstance(header, dict) else None
+    return msg_id if isinstance(msg_id, str) else None
+
+
+def _encode_buffers(buffers: Any) -> list[str]:
+    out: list[str] = []
+    for buf in buffers or ():
+        try:
+            out.append(base64.b64encode(bytes(buf)).decode("ascii"))
+        except (TypeError, ValueError):
+            out.append("")
+    return out
+
+
+class SessionTap:
+    """Wraps one kernel ``Session.send``; hands each recorded message to the recorder of its parent.
+
+    Installed once per session object and kept: with no recorder active the
+    wrapper costs one dictionary look-up per message.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.original = session.send
+        self.recorders: dict[str, OutputRecorder] = {}
+        tap = self
+
+        def send(stream: Any, msg_or_type: Any, content: Any = None, parent: Any = None, *args: Any, **kw: Any) -> Any:
+            if tap.recorders:
+                tap.observe(msg_or_type, content, parent, kw)
+            return tap.original(stream, msg_or_type, content, parent, *args, **kw)
+
+        self.send = send
+        session.send = send
+
+    def observe(self, msg_or_type: Any, content: Any, parent: Any, kw: dict[str, Any]) -> None:
+        """Record one outgoing message if a recorder waits for its parent (never raises)."""
+        try:
+            if isinstance(msg_or_type, dict):
+                header = msg_or_type.get("header") or {}
+                msg_type = header.get("msg_type") or msg_or_type.get("msg_type")
+                content = msg_or_type.get("content")
+                parent = msg_or_type.get("parent_header")
+                metadata = msg_or_type.get("metadata")
+                buffers = kw.get("buffers") or msg_or_type.get("buffers")
+            else:
+                msg_type = msg_or_type
+                parent = parent if parent is not None else kw.get("parent")
+                metadata = kw.get("metadata")
+                buffers = kw.get("buffers")
+            if msg_type not in RECORDED and msg_type not in MARKERS:
+                return
+            recorder = self.recorders.get(_parent_msg_id(parent) or "")
+            if recorder is not None:
+                recorder.message(str(msg_type), content or {}, metadata, buffers)
+        except Exception:  # noqa: BLE001 - recording is best effort, sending is not
+            pass
+
+
+def tap_for(shell: Any) -> SessionTap | None:
+    """The :class:`SessionTap` of the shell's kernel session (installed on first use), or None without a kernel."""
+    session = getattr(getattr(shell, "kernel", None), "session", None)
+    if session is None or not hasattr(session, "send"):
+        return None
+    tap = getattr(session, "_nbrunbook_tap", None)
+    if not isinstance(tap, SessionTap):
+        tap = SessionTap(session)
+        try:
+            session._nbrunbook_tap = tap
+        except AttributeError:
+            return None
+    return tap
 
 
 class _WriteTee:
-    """Wraps one stream's ``write``; restores it exactly on ``remove``."""
+    """Wraps one stream's ``write`` (no kernel); restores it exactly on ``remove``."""
 
     def __init__(self, recorder: OutputRecorder, stream: Any, name: str) -> None:
-        self.recorder = recorder
         self.stream = stream
-        self.name = name
         self.original = stream.write
         self.saved = stream.__dict__.get("write", _MISSING) if hasattr(stream, "__dict__") else _MISSING
         self.installed = False
@@ -40,13 +135,13 @@ class _WriteTee:
         def write(data: Any, *args: Any, **kwargs: Any) -> Any:
             result = self.original(data, *args, **kwargs)
             if isinstance(data, str) and data:
-                self.recorder.stream(self.name, data)
+                recorder.message("stream", {"name": name, "text": data}, None, None)
             return result
 
         self.write = write
         try:
             stream.write = write
-        except (AttributeError, TypeError):  # a C-level stream (terminal IPython): no stream recording
+        except (AttributeError, TypeError):  # a C-level stream: no stream recording
             return
         self.installed = True
 
@@ -66,28 +161,36 @@ class _WriteTee:
 
 
 class OutputRecorder:
-    """Collects a cell's outputs as JSON-able items, at most ``limit`` bytes in all.
+    """Collects a cell's output messages as JSON-able items, at most ``limit`` bytes in all.
 
-    Items: ``{"type": "stream", "name": "stdout", "text": ...}``,
-    ``{"type": "display", "data": {...}, "metadata": {...}}``,
-    ``{"type": "result", "data": {...}, "metadata": {...}}`` and
-    ``{"type": "note", "text": ...}`` (for what was dropped).
+    Each item is ``{"t": msg_type, "c": content}`` plus ``"m"`` (metadata) and
+    ``"b"`` (base64 buffers) when there are any. The result is kept apart in
+    :attr:`result` (``{"data", "metadata"}``).
     """
 
     def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
         self.limit = limit
         self.items: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
         self.size = 0
         self.dropped = 0
+        self.msg_id: str | None = None
         self._lock = threading.Lock()
+        self._tap: SessionTap | None = None
         self._tees: list[_WriteTee] = []
         self._display_pub: Any = None
-        self._display_ids: dict[str, dict[str, Any]] = {}
 
     # --------------------------------------------------------- installation
 
-    def start(self, shell: Any) -> None:
-        """Begin recording the shell's streams and displays."""
+    def start(self, shell: Any, msg_id: str | None) -> None:
+        """Begin recording the messages sent for the execute request ``msg_id``."""
+        self.msg_id = msg_id
+        tap = tap_for(shell) if msg_id else None
+        if tap is not None:
+            assert msg_id is not None
+            tap.recorders[msg_id] = self
+            self._tap = tap
+            return
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name, None)
             if stream is not None:
@@ -98,7 +201,17 @@ class OutputRecorder:
             self._display_pub = pub
 
     def stop(self) -> None:
-        """Stop recording (idempotent). Text is recorded when written, so no flush is needed."""
+        """Stop recording (idempotent), after the kernel has sent what the cell wrote."""
+        if self._tap is not None:
+            # ipykernel sends stream text from its IO thread on a timer: flush so it is sent (and seen) now.
+            for name in ("stdout", "stderr"):
+                try:
+                    getattr(sys, name).flush()
+                except (AttributeError, OSError, ValueError):
+                    pass
+            if self.msg_id is not None and self._tap.recorders.get(self.msg_id) is self:
+                del self._tap.recorders[self.msg_id]
+            self._tap = None
         for tee in reversed(self._tees):
             tee.remove()
         self._tees = []
@@ -111,75 +224,52 @@ class OutputRecorder:
 
     # ------------------------------------------------------------ recording
 
-    def _fits(self, size: int) -> bool:
-        if self.size + size > self.limit:
-            self.dropped += size
-            return False
-        self.size += size
-        return True
-
-    def stream(self, name: str, text: str) -> None:
-        """Record stream text (merged with the previous item of the same stream)."""
-        with self._lock:
-            if not self._fits(len(text)):
-                return
-            last = self.items[-1] if self.items else None
-            if last is not None and last["type"] == "stream" and last["name"] == name:
-                last["text"] += text
-            else:
-                self.items.append({"type": "stream", "name": name, "text": text})
-
-    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None, kind: str = "display") -> None:
-        """Record a display bundle (or the cell's result with ``kind='result'``)."""
-        data = dict(data)
-        if _WIDGET_MIME in data and len(data) > 1:
-            del data[_WIDGET_MIME]
+    def message(self, msg_type: str, content: dict[str, Any], metadata: Any, buffers: Any) -> None:
+        """Record one message (``execute_result`` becomes :attr:`result`, and a marker; ``error`` a marker)."""
+        if msg_type in MARKERS:
+            if msg_type == "execute_result":
+                data, md = dict(content.get("data") or {}), dict(content.get("metadata") or {})
+                self.result = {"data": data, "metadata": md}
+            with self._lock:
+                self.items.append({"t": msg_type})
+            return
+        item: dict[str, Any] = {"t": msg_type, "c": content}
+        if metadata:
+            item["m"] = metadata
+        if buffers:
+            item["b"] = _encode_buffers(buffers)
         try:
-            size = len(json.dumps(data, default=str)) + len(json.dumps(metadata or {}, default=str))
+            size = len(json.dumps(item, default=str))
         except (TypeError, ValueError):
             return
         with self._lock:
-            if not self._fits(size):
+            if self.size + size > self.limit:
+                self.dropped += size
                 return
-            item = {"type": kind, "data": data, "metadata": dict(metadata or {})}
-            self.items.append(item)
-        return
+            self.size += size
+            last = self.items[-1] if self.items else None
+            if (
+                msg_type == "stream"
+                and self._tees  # written text (no kernel), not sent chunks: merge as a frontend would
+                and last is not None
+                and last["t"] == "stream"
+                and last["c"].get("name") == content.get("name")
+            ):
+                last["c"] = {"name": content.get("name"), "text": last["c"].get("text", "") + content.get("text", "")}
+            else:
+                self.items.append(item)
 
     def _hook(self, msg: dict[str, Any]) -> dict[str, Any]:
-        # Must never raise: it runs inside the display publisher for user code.
+        # No kernel session: the display publisher's hook. Must never raise (it runs for user code).
         try:
             msg_type = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
-            content = msg.get("content", {})
-            if msg_type == "display_data":
-                self.display(content.get("data", {}), content.get("metadata"))
-                display_id = (content.get("transient") or {}).get("display_id")
-                if display_id and self.items and self.items[-1]["type"] == "display":
-                    self._display_ids[display_id] = self.items[-1]
-            elif msg_type == "update_display_data":
-                display_id = (content.get("transient") or {}).get("display_id")
-                target = self._display_ids.get(display_id) if display_id else None
-                if target is not None:
-                    target["data"] = dict(content.get("data", {}))
-                    target["metadata"] = dict(content.get("metadata") or {})
-            elif msg_type == "clear_output":
-                with self._lock:
-                    self.items = []
-                    self.size = 0
-                    self._display_ids.clear()
+            if msg_type in RECORDED:
+                self.message(str(msg_type), dict(msg.get("content") or {}), msg.get("metadata"), None)
         except Exception:  # noqa: BLE001 - recording is best effort, showing is not
             pass
         return msg
 
     def finish(self) -> list[dict[str, Any]]:
-        """The recorded items, with a note if anything was dropped."""
+        """The recorded messages, in the order they were sent."""
         with self._lock:
-            items = list(self.items)
-            if self.dropped:
-                items.append(
-                    {
-                        "type": "note",
-                        "text": f"[nbrunbook: {self.dropped} bytes of output were not recorded "
-                        f"(limit {self.limit} bytes per cell)]\n",
-                    }
-                )
-            return items
+            return list(self.items)

@@ -422,13 +422,13 @@ class Guard:
                         )
                         return
                     note = (
-                        f"⚠ {target.label} changed since it ran: its recorded run is shown, the new code did not "
+                        f"{target.label} changed since it ran: its recorded run is shown, the new code did not "
                         f"run (to run it: %runbook rerun {target.cell_id})"
                     )
                 from .replay import skipper
 
                 ns = self.shell.user_ns
-                frame.replay = skipper(ns, target, claim.state, session.run_id, values, record, note, self.warn)
+                frame.replay = skipper(self.shell, ns, target, claim.state, session.run_id, values, record, note)
                 return
             if outcome == ClaimOutcome.BUSY:
                 if state.owner == session.owner and not any(
@@ -451,7 +451,7 @@ class Guard:
                     from .replay import who
 
                     self.warn(
-                        f"⏳ {target.label} is running in {who(state.owner)} since {since} "
+                        f"{target.label} is running in {who(state.owner)} since {since} "
                         f"(run {state.run_id}); waiting up to {opts.wait_timeout:g} s for it to finish "
                         "(interrupt the kernel to stop waiting)"
                     )
@@ -534,7 +534,7 @@ class Guard:
             lease=session.options.lease,
         )
         recorder = OutputRecorder(session.options.output_limit)
-        recorder.start(self.shell)
+        recorder.start(self.shell, frame.msg_id)
         frame.recorder = recorder
         from .interrupts import InterruptWatch
 
@@ -657,7 +657,7 @@ class Guard:
             requested = frame.watch is not None and frame.watch.requested
             outcome = decide(self.shell, error, interrupted=requested, raises_expected=frame.expects_error)
         if fenced is not None:
-            self.warn(f"⚠ {target.label}: {fenced}")
+            self.warn(f"warning: {target.label}: {fenced}")
         from .record import record_outcome
 
         fut = record_outcome(

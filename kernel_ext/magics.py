@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from .guard import Guard
     from .session import Options, Session
 
-_MARKS = {"done": "✓", "skipped": "⏭", "running": "▶", "failed": "✗", "interrupted": "⚡", "pending": "·"}
+# Marks found in every text font (DejaVu, Liberation, the browsers' defaults): status text must read
+# right without an emoji font.
+_MARKS = {"done": "✓", "skipped": "»", "running": "▶", "failed": "✗", "interrupted": "!", "pending": "·"}
 
 
 def _parser() -> MagicArgumentParser:

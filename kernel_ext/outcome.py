@@ -119,17 +119,18 @@ def rebuild(kept: Mapping[str, Any], exit_code: Any = None, ended_run: bool = Fa
     return exc
 
 
-def without_exit_notice(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop IPython's "To exit: ..." warning from a SystemExit cell's recorded stderr.
+def without_exit_notice(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop IPython's "To exit: ..." warning from a SystemExit cell's recorded stderr messages.
 
     The skip raises SystemExit again and IPython warns again itself (as its
     warning filter decides, just as if the cell ran again); replaying the
     recorded one too would show it twice.
     """
-    for item in reversed(outputs):
-        if item.get("type") != "stream" or item.get("name") != "stderr":
+    for item in reversed(messages):
+        content = item.get("c") or {}
+        if item.get("t") != "stream" or content.get("name") != "stderr":
             continue
-        text = str(item.get("text", ""))
+        text = str(content.get("text", ""))
         at = text.rfind("UserWarning: " + EXIT_NOTICE)  # the line `warnings` shows, not the source under it
         if at < 0:
             break
@@ -139,8 +140,9 @@ def without_exit_notice(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if text.startswith("  ", end):  # the source line `warnings` prints under it
             nxt = text.find("\n", end)
             end = len(text) if nxt < 0 else nxt + 1
-        item["text"] = text[:start] + text[end:]
-        if not item["text"]:
-            outputs = [o for o in outputs if o is not item]
+        text = text[:start] + text[end:]
+        if not text:
+            return [m for m in messages if m is not item]
+        item["c"] = {**content, "text": text}
         break
-    return outputs
+    return messages

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from .session import Session, Target
 
 CELL_RECORD = "#cell"
+#: The form of ``#cell``: 2 keeps the IOPub messages the cell sent (``messages``,
+#: see :mod:`.capture`); records without ``v`` (before 0.2) keep ``outputs``
+#: items, which :mod:`.replay` still shows.
+RECORD_VERSION = 2
 #: Key in a done cell's record and ``done`` event: the cell ended the run with
 #: ``SystemExit`` of this code (0 or None), like papermill's early end.
 SYSTEM_EXIT = "system_exit"
@@ -87,18 +91,12 @@ def record_outcome(
         )
     else:
         recorder = recorder or OutputRecorder(session.options.output_limit)
-        shown = getattr(result, "result", None)  # set only when the display hook showed it
+        messages = recorder.finish()
+        result_bundle = recorder.result
         if getattr(shell, "_last_traceback_during_displayhook", False):
-            shown = None  # its display raised: formatting it again would show that error twice
-        if shown is not None:
-            try:
-                data, md = shell.display_formatter.format(shown)
-                recorder.display(data, md, kind="result")
-            except Exception:  # noqa: BLE001 - a broken repr must not lose the outcome
-                pass
-        outputs = recorder.finish()
+            result_bundle = None  # its display raised: the reply is that error, there is no result
         if outcome.ended_run:
-            outputs = without_exit_notice(outputs)
+            messages = without_exit_notice(messages)
         values, unsaved, warnings = saved.collect(
             shell.user_ns, names, target.spec.save, limit=session.options.value_limit
         )
@@ -107,9 +105,20 @@ def record_outcome(
         for spec in target.spec.save:  # a failed save= is named again whenever the cell is skipped
             if spec.name not in values and spec.name in shell.user_ns:
                 unsaved[spec.name] = f"save={spec.name}: a {type(shell.user_ns[spec.name]).__name__} cannot be recorded"
-        record: dict[str, Any] = {"outputs": outputs, "unsaved": unsaved, "source_hash": target.live_hash}
+        record: dict[str, Any] = {
+            "v": RECORD_VERSION,
+            "messages": messages,
+            "msg_id": recorder.msg_id,
+            "unsaved": unsaved,
+            "source_hash": target.live_hash,
+        }
+        if result_bundle is not None:
+            record["result"] = result_bundle
+        if recorder.dropped:
+            record["dropped"] = recorder.dropped
+            record["limit"] = recorder.limit
         payload: dict[str, Any] = {
-            "outputs": len(outputs),
+            "outputs": sum("c" in m for m in messages) + (result_bundle is not None),  # markers aside
             "saved": sorted(n for n in values if n != CELL_RECORD),
             "source_hash": target.live_hash,
         }
@@ -153,5 +162,5 @@ def report_pending(session: Session, warn: Callable[[str], None], *, block: bool
             if isinstance(exc, StoreUnavailable) and session.lost_outcome is None:
                 session.lost_outcome = exc
             what = "fenced: " if isinstance(exc, StepFenced) else ""
-            warn(f"⚠ the outcome of {label} was not recorded ({what}{exc})")
+            warn(f"warning: the outcome of {label} was not recorded ({what}{exc})")
     session.pending = keep

@@ -109,3 +109,14 @@ def pytest_report_header(config: pytest.Config) -> str:
     malloc = jemalloc_library() or "nothing (no jemalloc on this machine: the system malloc)"
     kinds = ", ".join(STORE_KINDS)
     return f"nbrunbook store kinds under test: {kinds}; store servers preload {malloc}; pid {os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def matplotlib_ready() -> None:
+    """matplotlib imported once in a child first: its first import builds a font cache and says so
+    on stderr, an output that would show in one of the runs a comparison test makes and not in the
+    others."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], check=True, capture_output=True)

@@ -147,18 +147,22 @@ def test_saved_values_never_pickle_without_opt_in() -> None:
     assert "m" in restored and out["m"] == {1: "k"} and not problems
 
 
-def test_output_recorder_caps_with_a_note() -> None:
-    rec = OutputRecorder(limit=20)
-    rec.stream("stdout", "hello ")
-    rec.stream("stdout", "world\n")
-    rec.stream("stderr", "x" * 50)
-    rec.display({"text/plain": "p", "application/vnd.jupyter.widget-view+json": {"model_id": "m"}}, {})
+def test_output_recorder_caps_and_counts_what_it_dropped() -> None:
+    rec = OutputRecorder(limit=120)
+    rec.message("stream", {"name": "stdout", "text": "hello "}, None, None)
+    rec.message("stream", {"name": "stdout", "text": "world\n"}, None, None)
+    rec.message("stream", {"name": "stderr", "text": "x" * 200}, None, None)
+    view = {"text/plain": "p", "application/vnd.jupyter.widget-view+json": {"model_id": "m"}}
+    rec.message("execute_result", {"data": view, "metadata": {}}, None, None)
     items = rec.finish()
-    assert items[0] == {"type": "stream", "name": "stdout", "text": "hello world\n"}
-    assert items[-1]["type"] == "note" and "bytes of output were not recorded" in items[-1]["text"]
+    # Chunks stay as sent (a frontend joins them itself); the result is kept apart, widget view and all.
+    assert [i.get("c", {}).get("text") for i in items] == ["hello ", "world\n", None]
+    assert items[-1] == {"t": "execute_result"}  # where the result came: what followed it follows it again
+    assert rec.dropped > 200 and rec.result == {"data": view, "metadata": {}}
     rec = OutputRecorder()
-    rec.display({"text/plain": "p", "application/vnd.jupyter.widget-view+json": {"model_id": "m"}}, {})
-    assert rec.finish()[0]["data"] == {"text/plain": "p"}  # widget views do not outlive their kernel
+    rec.message("comm_msg", {"comm_id": "c", "data": {}}, {"version": "2.1.0"}, [b"\x00\x01"])
+    expected = {"t": "comm_msg", "c": {"comm_id": "c", "data": {}}, "m": {"version": "2.1.0"}, "b": ["AAE="]}
+    assert rec.finish() == [expected]  # buffers (a widget's bytes) kept as base64
 
 
 def test_options_are_checked() -> None:

@@ -44,6 +44,9 @@ def test_requested_interrupt_leaves_the_step_interrupted(kernels: Kernels, tmp_p
         res = k.collect(msg)
         assert res.status == "error", res
         assert res.ename == ("KeyboardInterrupt" if cell == "sync" else "CancelledError"), res.error_text
+        # The traceback ends in the person's code, as without the extension: no frame of ours.
+        (error,) = [o for o in res.outputs if o["output_type"] == "error"]
+        assert "InterruptWatch" not in "".join(error["traceback"]), error["traceback"]
         slow.unlink()
         # Run All again: refused at the cell with the resolve advice; the body does not run.
         refused = k.execute(nb.source(cell), cell_id=cell)

@@ -26,7 +26,6 @@ from helpers.outcomes import SETUP
 from helpers.runbooks import cli, read_output, write_notebook
 from nbrunbook.engine.factory import open_store
 from nbrunbook.kernel_ext.record import read_record
-from nbrunbook.kernel_ext.replay import STATUS_PREFIX
 
 
 def _notebook(tmp_path: Path, cells: list[tuple[str, str, list[str]]]) -> Notebook:
@@ -305,7 +304,7 @@ def test_nbrunbook_run_honours_the_tags(tmp_path: Path) -> None:
         out = read_output(tmp_path / "out.ipynb")
         cells = {c.id: c for c in out.cells}
         text = "".join(o.get("text", "") for o in cells["last"].outputs if o.output_type == "stream")
-        assert [ln for ln in text.splitlines() if not ln.startswith(STATUS_PREFIX)] == ["last"]
+        assert text.splitlines() == ["last"]
         assert cells["draft"].outputs == []
         errors.append([(o.ename, o.evalue, o.traceback) for o in cells["boom"].outputs if o.output_type == "error"])
     assert errors[0] == errors[1] and errors[0][0][:2] == ("KeyError", "'expected'")

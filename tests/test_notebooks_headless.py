@@ -22,7 +22,7 @@ from helpers.runbooks import Run, cli, digest, read_output
 from nbrunbook.engine.factory import open_store
 from nbrunbook.engine.keys import idempotency_key
 from nbrunbook.engine.model import Event
-from nbrunbook.kernel_ext.replay import STATUS_PREFIX
+from nbrunbook.kernel_ext.replay import STATUS_MIME
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -113,11 +113,14 @@ def _runs(nb: Any, ids: Any) -> list[str]:
 
 
 def _restored(cell: Any) -> set[str]:
-    """The names a skipped cell's status line says it restored."""
-    line = _text(cell).splitlines()[0]
-    assert line.startswith(STATUS_PREFIX) and "already done in run" in line, line
-    assert "not restored" not in line, line  # the examples assign no value that cannot be saved
-    return set(line.split("; restored ", 1)[1].split(";")[0].split(", ")) if "; restored " in line else set()
+    """The names a skipped cell's status output says it restored (it is the cell's first output)."""
+    first = cell.outputs[0]
+    assert first.output_type == "display_data" and STATUS_MIME in first.data, first
+    status, line = first.data[STATUS_MIME], first.data["text/plain"]
+    assert status["status"] == "done" and "already done in run" in line, line
+    assert not status["notes"] and not status["not_restored"], line  # the examples' values can all be saved
+    assert all(STATUS_MIME not in o.get("data", {}) for o in cell.outputs[1:])  # said once
+    return set(status["restored"])
 
 
 def _claims(events: list[Event], prefix: str) -> dict[str, list[int]]:

@@ -18,6 +18,7 @@ from helpers.oracle import check_effects_once, check_store, read_effects
 from helpers.runbooks import cli, digest, effect_cell, read_output, standard, start_cli, write_notebook
 from nbrunbook.engine.factory import open_store
 from nbrunbook.engine.keys import idempotency_key
+from nbrunbook.kernel_ext.replay import STATUS_MIME
 
 
 @pytest.fixture
@@ -55,8 +56,9 @@ def test_fail_then_resume(rb: dict[str, Path]) -> None:
     meta = [c.metadata["nbrunbook"] for c in final.cells]
     assert [m["run"] for m in meta] == ["always", "always", "skipped", "ran", "ran"]
     assert [m.get("status") for m in meta[2:]] == ["done", "done", "done"]
-    replayed = "".join(o.get("text", "") for o in final.cells[2].outputs)
-    assert "already done" in replayed and "first ran hello" in replayed  # outputs replayed
+    status, *replayed = final.cells[2].outputs
+    assert "already done" in status.data["text/plain"] and STATUS_MIME in status.data  # its own output
+    assert "".join(o.get("text", "") for o in replayed) == "first ran hello\n"  # outputs replayed
     assert "third sees 42 1" in "".join(o.get("text", "") for o in final.cells[4].outputs)  # value restored
     assert digest(rb["nb"]) == before  # the user's notebook is never modified
 

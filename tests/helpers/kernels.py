@@ -28,7 +28,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from nbrunbook.kernel_ext.replay import STATUS_PREFIX
+from nbrunbook.kernel_ext.replay import STATUS_MIME
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 #: Generous: two cores shared with other test runs.
@@ -52,9 +52,8 @@ class Result:
 
     @property
     def stdout(self) -> str:
-        """The stdout text, without the guard's status lines."""
-        lines = self.text("stdout").splitlines(keepends=True)
-        return "".join(line for line in lines if not line.startswith(STATUS_PREFIX))
+        """The stdout text (the guard never writes to it)."""
+        return self.text("stdout")
 
     @property
     def stderr(self) -> str:
@@ -62,14 +61,19 @@ class Result:
         return self.text("stderr")
 
     @property
+    def statuses(self) -> list[dict[str, Any]]:
+        """The guard's status outputs (a skipped cell's own display of STATUS_MIME)."""
+        return [o["data"] for o in self.outputs if o["output_type"] == "display_data" and STATUS_MIME in o["data"]]
+
+    @property
     def status_lines(self) -> list[str]:
-        """The guard's status lines (one per skipped cell, on stdout)."""
-        return [line for line in self.text("stdout").splitlines() if line.startswith(STATUS_PREFIX)]
+        """The text/plain lines of the guard's status outputs (one per skipped cell)."""
+        return [str(data["text/plain"]) for data in self.statuses]
 
     @property
     def displays(self) -> list[dict[str, Any]]:
-        """The display_data outputs."""
-        return [o for o in self.outputs if o["output_type"] == "display_data"]
+        """The display_data outputs, the guard's status outputs aside."""
+        return [o for o in self.outputs if o["output_type"] == "display_data" and STATUS_MIME not in o["data"]]
 
     @property
     def result(self) -> dict[str, Any] | None:
