@@ -44,16 +44,16 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from helpers.runbooks import digest, read_output, start_cli
+from nbrunbook.kernel_ext.replay import STATUS_MIME  # a skipped cell's own status output
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 PROJECTS = ("nbclient", "nbconvert", "nbval", "ipywidgets")
-#: nbrunbook's own status output of a skipped cell (the kernel side's STATUS_MIME).
-STATUS_MIME = "application/vnd.nbrunbook.status+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_VIEW_SHORT = "widget-view"  # its spelling in difference lines (keeps KNOWN readable)
-#: Seconds a cell may run (the slowest corpus cell takes about 2 s); nbclient's ``timeout``.
-CELL_TIMEOUT = 120
+#: Seconds a cell may run: the slowest corpus cell takes about 2 s; nbclient's ``timeout`` and
+#: ``--cell-timeout``. Kept short because a replay stall (docs/compat.md) lasts until it.
+CELL_TIMEOUT = 30
 
 
 @dataclass(frozen=True)
@@ -92,287 +92,32 @@ def corpus_notebooks() -> list[str]:
 # ------------------------------------------------------------------ known differences
 
 #: notebook -> the exact difference lines that remain (cells counted among code cells from 0), with
-#: their reasons in the comment above each entry; docs/compat.md explains each reason:
-#:   B1 a skipped cell's widget view is replayed without its widget-view MIME key (plain text only)
-#:   B2 the resumed output notebook has no widget state, or the *input* notebook's stale state
-#:   B3 a figure is replayed before the cell's result (nbclient: the result, then the figure)
-#:   B4 stdout and stderr chunks are replayed merged per stream, not interleaved
-#:   B5 clear_output(wait=True) is not applied on replay
-#:   B6 update_display_data sent by later cells is not replayed
-#:   B7 output captured by an Output widget is replayed as the cell's own output
-#:   B8 interact/interactive output (captured in its Output widget) likewise
-#:   I1 inherent: nbrunbook sends each cell's id and tags in the execute_request metadata (as JupyterLab
-#:      does, nbclient sends none), and the notebook prints IPython's ExecutionInfo, which shows them;
-#:      and a skipped cell's side effects on the kernel (here: registering a post_run_cell callback)
-#:      are not redone, so later skipped cells show no callback output
-#: B1-B8 are replay bugs (issue 25's kernel-side change fixes them); I1 stays.
+#: their reasons above each entry (docs/compat.md says the same for users). After issue 25's replay change
+#: (main 0b6354d) these are left:
 KNOWN: dict[str, list[str]] = {
-    # B5 clear_output(wait=True) not applied on replay
-    "nbclient/Clear Output": [
-        "resume cell 3: outputs [], nbclient ['stream:stdout']",
-        "resume cell 6 output 0 (display_data(text/plain)): data differ",
-        "resume cell 9: outputs [], nbclient ['display_data(text/plain)']",
-    ],
-    # B1 widget view replayed as text; B2 the input notebook's stale widget state written back on resume
-    "nbclient/JupyterWidgets": [
-        "resume cell 0: outputs ['display_data(text/plain)'], nbclient ['display_data(text/plain,widget-view)']",
-        "resume: widget state differs (0 models missing, 0 extra, 3 changed)",
-    ],
-    # B1 views as text; B7 Output-widget capture replayed into the cell; B2 stale input widget state
-    "nbclient/Output": [
-        (
-            "resume cells 0, 3, 5, 7, 9, 11, 12: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume cells 1, 6 output 0 (stream:stdout): text differ",
-        "resume cells 4, 8: outputs [], nbclient ['stream:stdout']",
-        "resume cell 13: outputs ['stream:stdout'], nbclient []",
-        "resume: widget state differs (0 models missing, 28 extra, 14 changed)",
-    ],
-    # B6 update_display from later cells not replayed
-    "nbclient/update-display-id": [
-        (
-            "resume cell 1: outputs ['display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain)', 'display_data(text/plain)', 'display_data(text/plain)']"
-        ),
-        (
-            "resume cell 2: outputs [], nbclient ['display_data(text/plain)', 'display_data(text/plain)', "
-            "'display_data(text/plain)']"
-        ),
-        "resume cell 3: outputs [], nbclient ['display_data(text/plain)']",
-        "resume cell 4: outputs [], nbclient ['display_data(text/plain)', 'execute_result(text/plain)']",
-    ],
-    # B3 figure replayed before the result (so the volatile cell is not replayed as shown)
-    "nbconvert/exporters/files/notebook2": [
-        (
-            "resume cell 6: outputs ['display_data(image/png,text/plain)', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain)', 'display_data(image/png,text/plain)']"
-        ),
-        "resume cell 6: volatile output not replayed as run 1 showed it",
-    ],
-    # B3 figure replayed before the result
-    "nbconvert/exporters/files/pngmetadata": [
-        (
-            "resume cell 0: outputs ['display_data(image/png,text/plain)', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain)', 'display_data(image/png,text/plain)']"
-        ),
-    ],
-    # B3 figure replayed before the result
-    "nbconvert/exporters/files/svg": [
-        (
-            "resume cell 0: outputs ['display_data(image/svg+xml,text/plain)', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain)', 'display_data(image/svg+xml,text/plain)']"
-        ),
-    ],
-    # B1 views as text; B2 no widget state on resume
-    "nbconvert/files/Unexecuted_widget": [
-        "resume cell 0: outputs ['execute_result(text/plain)'], nbclient ['execute_result(text/plain,widget-view)']",
-        "resume: no widget state (nbclient saved 3 models)",
-    ],
-    # B1 views as text; B2 no widget state on resume
-    "nbconvert/files/Unexecuted_widget_2": [
-        "resume cell 0: outputs ['execute_result(text/plain)'], nbclient ['execute_result(text/plain,widget-view)']",
-        "resume: no widget state (nbclient saved 3 models)",
-    ],
-    # B1 views as text; B2 stale input widget state written back on resume
-    "nbconvert/files/Widget_List": [
-        (
-            "resume cells 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, "
-            "25, 26, 27, 28: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        (
-            "resume cells 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, "
-            "43 output 0 (display_data(text/plain,widget-view)): data differ"
-        ),
-        "resume: widget state differs (28 models missing, 28 extra, 117 changed)",
-    ],
-    # B3 figure replayed before the result
-    "nbval/docs-index": [
-        (
-            "resume cell 13: outputs ['display_data(image/png,text/plain)', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain)', 'display_data(image/png,text/plain)']"
-        ),
-    ],
-    # B3 figure replayed before the result
-    "nbval/sample_notebook": [
-        (
-            "resume cell 9: outputs ['display_data(image/png,text/plain)', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain)', 'display_data(image/png,text/plain)']"
-        ),
-    ],
-    # B4 stderr/stdout interleaving lost on replay
-    "nbval/test_coalesce": [
-        (
-            "resume cells 4, 5: outputs ['stream:stdout', 'stream:stderr'], nbclient ['stream:stderr', "
-            "'stream:stdout', 'stream:stderr']"
-        ),
-    ],
-    # B8 interact output replayed as cell output; B2
-    "ipywidgets/Beat Frequencies": [
-        (
-            "resume cell 4: outputs ['display_data(text/html,text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)']"
-        ),
-        (
-            "resume cell 6: outputs ['display_data(text/html,text/plain)', "
-            "'display_data(image/png,text/plain)'], nbclient ['display_data(image/png,text/plain)']"
-        ),
-        "resume: no widget state (nbclient saved 10 models)",
-    ],
-    # B1; B2
-    "ipywidgets/Controller": [
-        (
-            "resume cells 2, 3: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 4 models)",
-    ],
-    # B8 interact output replayed as cell output; B2
-    "ipywidgets/Factoring": [
-        (
-            "resume cell 6: outputs ['display_data(text/latex,text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 7 models)",
-    ],
-    # B1; B7 Output-widget capture replayed into the cell; B2
-    "ipywidgets/Output Widget": [
-        (
-            "resume cells 2, 6, 11, 12: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume cells 3, 8: outputs ['stream:stdout'], nbclient []",
-        "resume cell 4: outputs ['display_data(text/html,text/plain)'], nbclient []",
-        "resume cell 5: outputs ['display_data(text/plain)'], nbclient []",
-        (
-            "resume cell 10: outputs ['stream:stdout', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume cell 14: outputs ['display_data(text/plain)'], nbclient ['display_data(text/plain,widget-view)']",
-        (
-            "resume cell 16: outputs ['display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain)', 'display_data(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 31 models)",
-    ],
-    # B1; B7/B8 interact captures replayed into the cell; B3; B2
-    "ipywidgets/Using Interact": [
-        (
-            "resume cells 3, 4, 5, 8, 9, 10, 11, 12, 13, 15, 16, 17, 19, "
-            "21: outputs ['display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)']"
-        ),
-        "resume cells 6, 14 output 0 (display_data(text/plain,widget-view)): data differ",
-        "resume cell 23: outputs ['display_data(text/plain)'], nbclient []",
-        "resume cells 26, 32: outputs ['display_data(text/plain)'], nbclient ['display_data(text/plain,widget-view)']",
-        (
-            "resume cells 31, 34, 36: outputs ['stream:stdout', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)']"
-        ),
-        "resume cell 33: outputs ['execute_result(text/plain)'], nbclient ['execute_result(text/plain,widget-view)']",
-        (
-            "resume cell 35: outputs ['stream:stdout', 'display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)', 'display_data(text/plain,widget-view)']"
-        ),
-        (
-            "resume cell 37: outputs ['display_data(image/png,text/plain)', 'execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        (
-            "resume cell 38: outputs ['display_data(text/plain)', 'display_data(text/plain)', "
-            "'display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)', 'display_data(text/plain,widget-view)', "
-            "'display_data(text/plain,widget-view)']"
-        ),
-        "resume: widget state differs (182 models missing, 0 extra, 17 changed)",
-    ],
-    # I1 (run and resume, inherent) and B1; B2
+    # Replay bug: cell 4 sends an execute_result itself with transient display_id "result" and cell 5
+    # updates it to 10; the replayed execute_result goes to the display hook without its display_id, so
+    # the later update does not reach it (nbclient "10", resume "9").
+    "nbclient/update-display-id": ["resume cell 4 output 1 (execute_result(text/plain)): data differ"],
+    # Replay bug: cell 2 raises inside `with output1:`; ipywidgets' Output.__exit__ shows the traceback (an
+    # IOPub error message while the widget captures) and swallows it. The resume does not replay that error
+    # message, so output1's saved state lacks the ValueError that nbclient's has.
+    "nbclient/Output": ["resume: widget state differs (0 models missing, 0 extra, 1 changed: OutputModel)"],
+    # Inherent, on both runs: cell 3 registers a post_run_cell callback that fails and prints IPython's
+    # ExecutionInfo after every later cell. (run) nbrunbook sends each cell's id and tags in the
+    # execute_request metadata, as JupyterLab does (nbclient sends none), and the ExecutionInfo repr shows
+    # them (cell_id=c3-... cell_meta={'cellId': ..., 'tags': []}). (resume) cell 3 is skipped, so the callback
+    # is never registered: a skipped cell's side effects on the kernel are not redone.
     "ipywidgets/Variable Inspector": [
         "run cell 3 output 1 (stream:stdout): text differ",
         "run cells 4, 5, 6, 7, 8 output 0 (stream:stdout): text differ",
         (
-            "resume cell 3: outputs ['execute_result(text/plain)'], "
+            "resume cell 3: outputs ['execute_result(text/plain,widget-view)'], "
             "nbclient ['execute_result(text/plain,widget-view)', 'stream:stdout', 'error:TypeError']"
         ),
         "resume cells 4, 5, 6, 7, 8: outputs [], nbclient ['stream:stdout', 'error:TypeError']",
-        "resume: no widget state (nbclient saved 5 models)",
-    ],
-    # B1; B2
-    "ipywidgets/Widget Alignment": [
-        (
-            "resume cells 2, 3, 4, 5, 8, 12, 15, 16, 17: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 165 models)",
-    ],
-    # B1; B2
-    "ipywidgets/Widget Basics": [
-        (
-            "resume cells 2, 11: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        (
-            "resume cells 3, 4, 5, 7: outputs ['display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)']"
-        ),
-        (
-            "resume cell 12: outputs ['display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)', 'display_data(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 19 models)",
-    ],
-    # B1; B2
-    "ipywidgets/Widget Events": [
-        (
-            "resume cells 2, 4, 8: outputs ['display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)', 'display_data(text/plain,widget-view)']"
-        ),
-        (
-            "resume cells 5, 6, 9, 10: outputs ['display_data(text/plain)', 'display_data(text/plain)', "
-            "'display_data(text/plain)'], nbclient ['display_data(text/plain,widget-view)', "
-            "'display_data(text/plain,widget-view)', 'display_data(text/plain,widget-view)']"
-        ),
-        (
-            "resume cells 12, 14, 16: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 84 models)",
-    ],
-    # B1 (its widget state agrees)
-    "ipywidgets/Widget Layout": [
-        (
-            "resume cells 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 15, "
-            "16: outputs ['execute_result(text/plain)'], nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-    ],
-    # B1; B2
-    "ipywidgets/Widget List": [
-        (
-            "resume cells 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, "
-            "25, 26, 27, 28, 29, 30, 31, 32: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-    ],
-    # B1; B2
-    "ipywidgets/Widget Low Level": [
-        (
-            "resume cell 1: outputs ['display_data(text/plain)', 'display_data(text/plain)'], "
-            "nbclient ['display_data(text/plain,widget-view)', 'display_data(text/plain,widget-view)']"
-        ),
-        "resume cell 2: outputs ['display_data(text/plain)'], nbclient ['display_data(text/plain,widget-view)']",
-        "resume: no widget state (nbclient saved 3 models)",
-    ],
-    # B1; B2
-    "ipywidgets/Widget Styling": [
-        (
-            "resume cells 0, 1, 3, 4, 5: outputs ['execute_result(text/plain)'], "
-            "nbclient ['execute_result(text/plain,widget-view)']"
-        ),
-        "resume: no widget state (nbclient saved 15 models)",
     ],
 }
-
 
 #: notebook -> code cells whose output is different on every execution by design (random numbers,
 #: the clock): compared with nbclient by output kinds only, and the resume against run 1 exactly.
@@ -465,10 +210,7 @@ def normal_outputs(cell: Any, norm: Normaliser) -> list[dict[str, Any]]:
         elif "data" in o:
             o["data"] = {k: (_joined(v) if k.startswith("text/") else v) for k, v in o["data"].items()}
         out.append(o)
-    for o in out:
-        if o.get("output_type") == "stream":
-            o["text"] = "".join(line for line in o["text"].splitlines(True) if not line.startswith("⏭ "))
-    return [norm.value(o) for o in out if not (o.get("output_type") == "stream" and not o["text"])]
+    return [norm.value(o) for o in out]
 
 
 def raw_widget_state(nb: Any) -> dict[str, Any] | None:
@@ -568,8 +310,10 @@ def differences(label: str, ref: Result, got: Result) -> list[str]:
         missing = sorted(set(ref.widgets) - set(got.widgets), key=lambda k: int(k[1:]) if k[1:].isdigit() else 0)
         extra = sorted(set(got.widgets) - set(ref.widgets))
         changed = sorted(k for k in set(ref.widgets) & set(got.widgets) if ref.widgets[k] != got.widgets[k])
+        types = ", ".join(sorted({str(ref.widgets[k].get("model_name")) for k in changed}))
         diffs.append(
-            f"{label}: widget state differs ({len(missing)} models missing, {len(extra)} extra, {len(changed)} changed)"
+            f"{label}: widget state differs ({len(missing)} models missing, {len(extra)} extra, "
+            f"{len(changed)} changed{': ' + types if types else ''})"
         )
     elif ref.widgets is None and got.widgets is not None:
         diffs.append(f"{label}: widget state that nbclient did not save ({len(got.widgets)} models)")
