@@ -24,7 +24,7 @@ tracebacks, and nbrunbook's own status outputs.
 What still differs is listed in :data:`KNOWN`, notebook by notebook, as the
 exact difference lines :func:`differences` produces: the test fails when a
 difference appears, changes or goes away, so the table cannot go stale
-(docs/compat.md says the same in prose).
+(the README says the same in prose).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_VIEW_SHORT = "widget-view"  # its spelling in difference lines (keeps KNOWN readable)
 #: Seconds a cell may run: the slowest corpus cell takes about 2 s; nbclient's ``timeout`` and
-#: ``--cell-timeout``. Kept short because a replay stall (docs/compat.md) lasts until it.
+#: ``--cell-timeout``. Kept short because a replay stall (the README) lasts until it.
 CELL_TIMEOUT = 30
 
 
@@ -92,31 +92,15 @@ def corpus_notebooks() -> list[str]:
 # ------------------------------------------------------------------ known differences
 
 #: notebook -> the exact difference lines that remain (cells counted among code cells from 0), with
-#: their reasons above each entry (docs/compat.md says the same for users). After issue 25's replay change
+#: their reasons above each entry (the README says the same for users). After issue 25's replay change
 #: (main 0b6354d) these are left:
 KNOWN: dict[str, list[str]] = {
-    # Replay bug: cell 4 sends an execute_result itself with transient display_id "result" and cell 5
-    # updates it to 10; the replayed execute_result goes to the display hook without its display_id, so
-    # the later update does not reach it (nbclient "10", resume "9").
-    "nbclient/update-display-id": ["resume cell 4 output 1 (execute_result(text/plain)): data differ"],
-    # Replay bug: cell 2 raises inside `with output1:`; ipywidgets' Output.__exit__ shows the traceback (an
-    # IOPub error message while the widget captures) and swallows it. The resume does not replay that error
-    # message, so output1's saved state lacks the ValueError that nbclient's has.
-    "nbclient/Output": ["resume: widget state differs (0 models missing, 0 extra, 1 changed: OutputModel)"],
-    # Inherent, on both runs: cell 3 registers a post_run_cell callback that fails and prints IPython's
-    # ExecutionInfo after every later cell. (run) nbrunbook sends each cell's id and tags in the
-    # execute_request metadata, as JupyterLab does (nbclient sends none), and the ExecutionInfo repr shows
-    # them (cell_id=c3-... cell_meta={'cellId': ..., 'tags': []}). (resume) cell 3 is skipped, so the callback
-    # is never registered: a skipped cell's side effects on the kernel are not redone.
-    "ipywidgets/Variable Inspector": [
-        "run cell 3 output 1 (stream:stdout): text differ",
-        "run cells 4, 5, 6, 7, 8 output 0 (stream:stdout): text differ",
-        (
-            "resume cell 3: outputs ['execute_result(text/plain,widget-view)'], "
-            "nbclient ['execute_result(text/plain,widget-view)', 'stream:stdout', 'error:TypeError']"
-        ),
-        "resume cells 4, 5, 6, 7, 8: outputs [], nbclient ['stream:stdout', 'error:TypeError']",
-    ],
+    # Inherent: the first run fails at cell 9 (`inspector.close()` unregisters a callback that is gone:
+    # ValueError, as with nbclient), so the resume runs cell 9 again; `inspector` (an object holding the
+    # shell, assigned by the skipped cell 3) cannot be saved, so it is not restored, and the retry
+    # fails with NameError instead - the skip's status says "not restored: inspector". (A skipped cell's
+    # side effects on the kernel - cell 3's post_run_cell callback - are not redone either.)
+    "ipywidgets/Variable Inspector": ["resume cell 9: outputs ['error:NameError'], nbclient ['error:ValueError']"],
 }
 
 #: notebook -> code cells whose output is different on every execution by design (random numbers,
