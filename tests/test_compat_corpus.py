@@ -449,8 +449,14 @@ def _masked(result: Result, volatile: set[int]) -> Result:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", corpus_notebooks())
-def test_nbrunbook_matches_nbclient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """nbclient, nbrunbook's first run and its resume: the same outcome, outputs and widget state."""
+def test_nbrunbook_matches_nbclient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, matplotlib_ready: None
+) -> None:
+    """nbclient, nbrunbook's first run and its resume: the same outcome, outputs and widget state.
+
+    (``matplotlib_ready``: on a fresh machine the first kernel to import matplotlib would say on
+    stderr that it builds its font cache, and only that run would show it.)
+    """
     for key, value in deterministic_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     runs = run_three(name, tmp_path)
