@@ -265,8 +265,15 @@ class OutputRecorder:
             return
         with self._lock:
             if self.size + size > self.limit:
-                self.dropped += size
-                return
+                room = self.limit - self.size - (size - len(content.get("text", "")))
+                if msg_type != "stream" or room <= 0:
+                    self.dropped += size
+                    return
+                # A stream chunk over the limit keeps the part that fits: a flood of output shows its start.
+                text = str(content.get("text", ""))
+                item["c"] = content = {**content, "text": text[:room]}
+                self.dropped += len(text) - room
+                size = self.limit - self.size
             self.size += size
             last = self.items[-1] if self.items else None
             if (

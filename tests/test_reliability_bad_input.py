@@ -19,6 +19,7 @@ foreign lock, another DuckDB database) are built by :func:`_build_store`.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from nbrunbook.engine.embedded import EmbeddedStore
 from nbrunbook.engine.factory import open_store
 from nbrunbook.engine.schema import CURRENT_VERSION
 from nbrunbook.kernel_ext.defaults import OUTPUT_LIMIT
+from nbrunbook.kernel_ext.replay import STATUS_MIME
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 
@@ -137,7 +139,8 @@ class Scene:
 
 
 def test_the_corpus_folder_and_its_registry_match() -> None:
-    files = {p.name for p in CORPUS_DIR.iterdir() if p.is_file()}
+    # README.md documents the compatibility corpus in the sub-folders (tests/test_compat_corpus.py).
+    files = {p.name for p in CORPUS_DIR.iterdir() if p.is_file() and p.name != "README.md"}
     assert files == set(CORPUS), f"unregistered: {files - set(CORPUS)}; missing: {set(CORPUS) - files}"
 
 
@@ -293,7 +296,14 @@ def test_huge_output_is_capped_and_the_store_not_bloated(tmp_path: Path) -> None
         s.close()
     assert OUTPUT_LIMIT < 11 << 20
     assert len(record) <= OUTPUT_LIMIT + 4096, len(record)  # the cap, not the 11 MiB printed
-    assert b"bytes of output were not recorded (limit 1048576 bytes per cell)" in record
+    kept = json.loads(record)
+    assert kept["limit"] == OUTPUT_LIMIT and kept["dropped"] > 10 << 20  # what was cut off, counted
+    assert kept["messages"] and len(kept["messages"][0]["c"]["text"]) > OUTPUT_LIMIT // 2  # the start is kept
+    again = scene.run()
+    assert again.code == 0, again.stderr
+    cells = {c.id: c for c in read_output(scene.store.parent / "out" / "huge-output" / "corpus-1.ipynb").cells}
+    (status,) = [o for o in cells["flood"].outputs if STATUS_MIME in o.get("data", {})]
+    assert "bytes of its output were not recorded (limit 1048576 bytes per cell)" in status.data["text/plain"]
     launch_stop(scene.store)  # checkpoint, so the file size is what stays
     size = sum(p.stat().st_size for p in scene.store.parent.glob("store.duckdb*"))
     assert size < 4 * OUTPUT_LIMIT, f"the store grew to {size} bytes for 11 MiB of output"
@@ -316,8 +326,10 @@ def test_unserialisable_saved_value_is_named_and_not_rerun(tmp_path: Path) -> No
     again = scene.run()
     assert again.code == 0 and "ran 0, skipped 2" in again.stderr, again.stderr
     out = read_output(scene.store.parent / "out" / "unserialisable-save" / "corpus-1.ipynb")
-    replayed = "".join(o.get("text", "") for o in out.cells[1].outputs)
-    assert "not restored: f (save=f: a TextIOWrapper cannot be recorded)" in replayed, replayed
+    (status,) = [o for o in out.cells[1].outputs if STATUS_MIME in o.get("data", {})]
+    line = status.data["text/plain"]
+    assert "not restored: f (save=f: a TextIOWrapper cannot be recorded)" in line, line  # said in the status
+    assert status.data[STATUS_MIME]["not_restored"] == {"f": "save=f: a TextIOWrapper cannot be recorded"}
     assert _fingerprint(scene.nb) == scene.before[0]
 
 
